@@ -1,0 +1,291 @@
+"""Per-group stochastic k-bit quantization of a tensor (the ActNN/GACT codec).
+
+Layout
+------
+With ``per_sample=True`` and ``x.ndim >= 2`` the tensor is viewed as ``rows = x.shape[0]``
+rows of ``row_len = x[0].numel()`` elements (one row per sample), otherwise as one row of
+``x.numel()`` elements. Each row is cut into ``ceil(row_len / group_size)`` groups of
+``group_size`` consecutive elements (the last group of a row may be shorter: rows are
+conceptually padded, but padding is never stored), so no group spans two samples and one
+outlier sample cannot ruin the range of another.
+
+Each group ``g`` stores ``lo[g]`` (16-bit, rounded *down*: ``lo <= min``) and ``scale[g]``
+(bfloat16, rounded *up* so ``lo + (2**bits - 1) * scale >= max``), and every element stores a
+``bits``-bit code ``c = floor((x - lo) / scale + u)``, ``u ~ U[0, 1)``, clamped to
+``[0, 2**bits - 1]`` and bit-packed with :mod:`fewbit.codecs.bitpack` in row-major order.
+Dequantization is ``lo + c * scale``. Given the stored ``lo``/``scale`` the rounding is
+unbiased (``E[dequantize(quantize(x))] = x`` up to float32 arithmetic and the final cast to
+``x.dtype``), the error of one draw is below ``scale`` per element, its variance at most
+``scale**2 / 4``.
+
+Cost: ``ceil(numel * bits / 8)`` bytes of codes plus 4 bytes per group, i.e.
+``32 / group_size`` extra bits per element (0.125 at the default ``group_size=256``).
+
+``lo`` is stored as float16 for float16 inputs (so every input value, in particular a
+constant group, is represented exactly) and as bfloat16 otherwise (the float32 exponent
+range; a float32 constant that is not a bfloat16 value therefore comes back unbiased but not
+exact, within ``scale`` <= one bfloat16 ulp of it; zeros and bfloat16-representable constants
+are exact).
+
+Non-finite input: a group that contains NaN or +-inf (or whose range overflows float32,
+e.g. float64 values beyond the float32 range) dequantizes to all-NaN, so the problem
+propagates to the gradient instead of being silently replaced by finite numbers. Other groups
+are unaffected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .bitpack import pack, packed_nbytes, unpack
+
+__all__ = [
+    "QuantizedTensor",
+    "check_quant_bits",
+    "check_group_size",
+    "dequantize",
+    "quantize",
+    "quantized_nbytes",
+]
+
+QUANT_BITS = (1, 2, 4, 8)
+META_BYTES_PER_GROUP = 4  # 16-bit lo + 16-bit scale
+# Elements processed at once: bounds the float32/int64 transients to a few tens of MiB.
+_CHUNK = 1 << 22
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class QuantizedTensor:
+    """A tensor quantized by :func:`quantize`; ``nbytes()`` is what it keeps in memory."""
+
+    packed: Tensor  # uint8 codes, bitpack layout, numel codes in row-major order
+    lo: Tensor  # (n_groups,) float16 or bfloat16, rounded down
+    scale: Tensor  # (n_groups,) bfloat16, rounded up
+    shape: torch.Size
+    dtype: torch.dtype
+    bits: int
+    group_size: int
+    per_sample: bool = True
+
+    def nbytes(self) -> int:
+        """Bytes of all stored tensors (codes + lo + scale)."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.lo, self.scale))
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> QuantizedTensor:
+        """Copy of the stored tensors on ``device`` (same metadata)."""
+        return QuantizedTensor(
+            self.packed.to(device, non_blocking=non_blocking),
+            self.lo.to(device, non_blocking=non_blocking),
+            self.scale.to(device, non_blocking=non_blocking),
+            self.shape,
+            self.dtype,
+            self.bits,
+            self.group_size,
+            self.per_sample,
+        )
+
+
+def check_quant_bits(bits: int, name: str = "bits") -> int:
+    """Validate a quantizer bit width (one of 1, 2, 4, 8) and return it."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{name} must be an int in {QUANT_BITS}, got {bits!r}")
+    if bits not in QUANT_BITS:
+        raise ValueError(f"{name} must be one of {QUANT_BITS}, got {bits}")
+    return bits
+
+
+def check_group_size(group_size: int, name: str = "group_size") -> int:
+    """Validate a group size (int >= 1) and return it."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"{name} must be an int >= 1, got {group_size!r}")
+    if group_size < 1:
+        raise ValueError(f"{name} must be >= 1, got {group_size}")
+    return group_size
+
+
+def _rows(shape: Sequence[int], per_sample: bool) -> tuple[int, int]:
+    """(rows, row_len) of the grouping layout described in the module docstring."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    if per_sample and len(shape) >= 2 and numel > 0:
+        return int(shape[0]), numel // int(shape[0])
+    return (1, numel) if numel > 0 else (0, 0)
+
+
+def quantized_nbytes(
+    shape: Sequence[int], bits: int, group_size: int = 256, per_sample: bool = True
+) -> int:
+    """Bytes :func:`quantize` stores for a tensor of ``shape``.
+
+    ``ceil(numel * bits / 8) + 4 * rows * ceil(row_len / group_size)``.
+    """
+    check_quant_bits(bits)
+    check_group_size(group_size)
+    rows, row_len = _rows(tuple(shape), per_sample)
+    n_groups = rows * (-(-row_len // group_size))
+    return packed_nbytes(rows * row_len, bits) + META_BYTES_PER_GROUP * n_groups
+
+
+def _lo_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
+
+
+def _round_down(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """Largest ``dtype`` value <= ``v`` (float32 in), elementwise; NaN stays NaN."""
+    r = v.to(dtype)
+    down = torch.nextafter(r, torch.full_like(r, float("-inf")))
+    return torch.where(r.float() > v, down, r)
+
+
+def _round_up(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """Smallest ``dtype`` value >= ``v`` (float32 in), elementwise; NaN stays NaN."""
+    r = v.to(dtype)
+    up = torch.nextafter(r, torch.full_like(r, float("inf")))
+    return torch.where(r.float() < v, up, r)
+
+
+def _blocks(rows: int, row_len: int, group_size: int) -> list[tuple[int, int, int, int]]:
+    """Work items ``(row0, row1, col0, col1)`` of about ``_CHUNK`` elements.
+
+    Either several whole rows (``col0 == 0, col1 == row_len``) or a group-aligned slice of
+    one row. Both map to a contiguous range of elements and of groups.
+    """
+    padded_len = -(-row_len // group_size) * group_size
+    if rows == 0 or row_len == 0:
+        return []
+    if padded_len <= _CHUNK:
+        step = max(1, _CHUNK // padded_len)
+        return [(r, min(r + step, rows), 0, row_len) for r in range(0, rows, step)]
+    span = max(1, _CHUNK // group_size) * group_size
+    return [
+        (r, r + 1, c, min(c + span, row_len)) for r in range(rows) for c in range(0, row_len, span)
+    ]
+
+
+def _grouped(flat: Tensor, nrows: int, ncols: int, group_size: int) -> Tensor:
+    """float32 ``(nrows * ceil(ncols / G), G)`` view of ``nrows x ncols`` elements.
+
+    Padding repeats the last element of each row, so it never changes a group's min/max.
+    """
+    x = flat.reshape(nrows, ncols).float()
+    pad = -ncols % group_size
+    if pad:
+        x = torch.cat([x, x[:, -1:].expand(nrows, pad)], dim=1)
+    return x.reshape(-1, group_size)
+
+
+def _quantize_block(
+    g: Tensor, bits: int, lo_dtype: torch.dtype, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Codes (uint8, same shape as ``g``), lo and scale for float32 groups ``g``."""
+    levels = (1 << bits) - 1
+    mn = g.amin(dim=1)
+    mx = g.amax(dim=1)
+    lo = _round_down(mn, lo_dtype)
+    lo32 = lo.float()
+    # mx/levels - lo/levels cannot overflow where mx - lo would; the extra factor gives a
+    # margin against float32 rounding so lo + levels * scale >= max holds after rounding.
+    step = (mx / levels - lo32 / levels) * (1.0 + 2.0**-20)
+    scale = _round_up(step, torch.bfloat16)
+    scale32 = scale.float()
+    # Non-finite groups store NaN; unconditional (no host sync on GPU).
+    bad = ~(torch.isfinite(lo32) & torch.isfinite(scale32))
+    lo = torch.where(bad, float("nan"), lo)
+    scale = torch.where(bad, float("nan"), scale)
+    lo32 = torch.where(bad, 0.0, lo32)
+    scale32 = torch.where(bad, 0.0, scale32)
+    safe = torch.where(scale32 > 0, scale32, 1.0).unsqueeze(1)
+    v = (g - lo32.unsqueeze(1)) / safe
+    v = torch.nan_to_num_(v, nan=0.0)  # NaN groups: any code, they decode to NaN
+    noise = torch.rand(g.shape, generator=generator, device=g.device, dtype=torch.float32)
+    codes = v.add_(noise).floor_().clamp_(0, levels).to(torch.uint8)
+    return codes, lo, scale
+
+
+def quantize(
+    x: Tensor,
+    bits: int,
+    group_size: int = 256,
+    *,
+    generator: torch.Generator | None = None,
+    per_sample: bool = True,
+) -> QuantizedTensor:
+    """Stochastically quantize floating ``x`` to ``bits`` in {1, 2, 4, 8} per element.
+
+    Stores ``quantized_nbytes(x.shape, bits, group_size, per_sample)`` bytes (see the module
+    docstring for the layout). The rounding noise comes from ``generator`` when given (the
+    global RNG is then untouched), else from the global RNG of ``x``'s device.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
+    check_quant_bits(bits)
+    check_group_size(group_size)
+    if generator is not None and generator.device.type != x.device.type:
+        raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
+    rows, row_len = _rows(x.shape, per_sample)
+    n_groups_row = -(-row_len // group_size) if row_len else 0
+    lo_dtype = _lo_dtype(x.dtype)
+    flat = x.detach().reshape(-1)
+    codes = torch.empty(rows * row_len, dtype=torch.uint8, device=x.device)
+    lo = torch.empty(rows * n_groups_row, dtype=lo_dtype, device=x.device)
+    scale = torch.empty(rows * n_groups_row, dtype=torch.bfloat16, device=x.device)
+    for r0, r1, c0, c1 in _blocks(rows, row_len, group_size):
+        e0 = r0 * row_len + c0
+        e1 = (r1 - 1) * row_len + c1
+        nrows, ncols = r1 - r0, c1 - c0
+        g = _grouped(flat[e0:e1], nrows, ncols, group_size)
+        c, lo_b, scale_b = _quantize_block(g, bits, lo_dtype, generator)
+        g0 = r0 * n_groups_row + c0 // group_size
+        lo[g0 : g0 + lo_b.numel()] = lo_b
+        scale[g0 : g0 + scale_b.numel()] = scale_b
+        codes[e0:e1] = c.reshape(nrows, -1)[:, :ncols].reshape(-1)
+    return QuantizedTensor(
+        _pack_chunked(codes, bits), lo, scale, x.shape, x.dtype, bits, group_size, per_sample
+    )
+
+
+def _pack_chunked(codes: Tensor, bits: int) -> Tensor:
+    """bitpack.pack in chunks of a multiple of 8 codes (bounds its int64 transient)."""
+    if codes.numel() <= _CHUNK:
+        return pack(codes, bits)
+    return torch.cat([pack(codes[i : i + _CHUNK], bits) for i in range(0, codes.numel(), _CHUNK)])
+
+
+def _unpack_range(q: QuantizedTensor, e0: int, e1: int) -> Tensor:
+    """Codes ``[e0, e1)`` (``e0`` a multiple of 8) as uint8."""
+    b0 = e0 * q.bits // 8
+    b1 = packed_nbytes(e1, q.bits)
+    return unpack(q.packed[b0:b1], q.bits, e1 - e0)
+
+
+def dequantize(q: QuantizedTensor) -> Tensor:
+    """Tensor of ``q.shape`` and ``q.dtype`` on ``q``'s device: ``lo + code * scale``."""
+    rows, row_len = _rows(q.shape, q.per_sample)
+    n_groups_row = -(-row_len // q.group_size) if row_len else 0
+    out = torch.empty(rows * row_len, dtype=q.dtype, device=q.packed.device)
+    lo32 = q.lo.float()
+    scale32 = q.scale.float()
+    for r0, r1, c0, c1 in _blocks(rows, row_len, q.group_size):
+        e0 = r0 * row_len + c0
+        e1 = (r1 - 1) * row_len + c1
+        a0 = e0 - e0 % 8  # bitpack needs a whole byte boundary: unpack from a multiple of 8
+        codes = _unpack_range(q, a0, e1)[e0 - a0 :]
+        nrows, ncols = r1 - r0, c1 - c0
+        c = _grouped(codes, nrows, ncols, q.group_size)
+        g0 = r0 * n_groups_row + c0 // q.group_size
+        g1 = g0 + c.shape[0]
+        v = torch.addcmul(lo32[g0:g1].unsqueeze(1), c, scale32[g0:g1].unsqueeze(1))
+        out[e0:e1] = v.reshape(nrows, -1)[:, :ncols].reshape(-1)
+    return out.reshape(q.shape)
