@@ -1,0 +1,144 @@
+"""Compressed layers: torch's forward bitwise, gradients within the bit-width error, bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewbit.codecs.quantize import quantized_nbytes
+from fewbit.modules import activations as FA
+from fewbit.modules import compressed as C
+
+# (compressed class, torch class, constructor args, input shape)
+CASES = [
+    (C.Conv1d, nn.Conv1d, (3, 4, 3), (2, 3, 20)),
+    (C.Conv2d, nn.Conv2d, (3, 4, 3), (2, 3, 10, 10)),
+    (C.Conv3d, nn.Conv3d, (2, 3, 3), (2, 2, 6, 6, 6)),
+    (C.ConvTranspose1d, nn.ConvTranspose1d, (3, 4, 3), (2, 3, 20)),
+    (C.ConvTranspose2d, nn.ConvTranspose2d, (3, 4, 3), (2, 3, 10, 10)),
+    (C.ConvTranspose3d, nn.ConvTranspose3d, (2, 3, 3), (2, 2, 6, 6, 6)),
+    (C.Linear, nn.Linear, (16, 8), (4, 12, 16)),
+    (C.BatchNorm1d, nn.BatchNorm1d, (6,), (8, 6, 30)),
+    (C.BatchNorm2d, nn.BatchNorm2d, (4,), (4, 4, 10, 10)),
+    (C.BatchNorm3d, nn.BatchNorm3d, (3,), (2, 3, 6, 6, 6)),
+    (C.SyncBatchNorm, nn.SyncBatchNorm, (4,), (4, 4, 10, 10)),
+    (C.LayerNorm, nn.LayerNorm, (32,), (4, 10, 32)),
+    (C.GroupNorm, nn.GroupNorm, (2, 4), (4, 4, 10, 10)),
+    (C.Softmax, nn.Softmax, (-1,), (4, 10, 32)),
+]
+IDS = [c[0].__name__ for c in CASES]
+
+
+def _pair(cls, torch_cls, args, bits):
+    ref = torch_cls(*args)
+    with torch.no_grad():
+        for p in ref.parameters():  # non-trivial affine parameters for norms
+            p.add_(torch.randn_like(p) * 0.1)
+    layer = cls(*args, bits=bits)
+    layer.load_state_dict(ref.state_dict())
+    return layer, ref
+
+
+def _grads(module, x, g):
+    out = module(x)
+    params = [p for p in module.parameters()]
+    return out, torch.autograd.grad(out, [x, *params], g)
+
+
+def _out_shape(cls, args, shape):
+    with torch.no_grad():
+        return cls(*args)(torch.zeros(shape)).shape
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("cls,torch_cls,args,shape", CASES, ids=IDS)
+def test_forward_bitwise_and_gradient_error(cls, torch_cls, args, shape):
+    x = torch.randn(shape, requires_grad=True)
+    errs = {}
+    for bits in (8, 2):
+        layer, ref = _pair(cls, torch_cls, args, bits)
+        assert isinstance(layer, torch_cls)
+        assert list(layer.state_dict()) == list(ref.state_dict())
+        g = torch.randn(_out_shape(cls, args, shape), generator=torch.Generator().manual_seed(1))
+        out_ref, g_ref = _grads(ref, x, g)
+        out, g_out = _grads(layer, x, g)
+        assert torch.equal(out, out_ref)  # forward is torch's own
+        errs[bits] = max(_rel(a, b) for a, b in zip(g_out, g_ref))
+        if hasattr(ref, "running_mean"):
+            assert torch.equal(layer.running_mean, ref.running_mean)
+    # Gradients come from the dequantized activation: its per-element error is below one
+    # step range/(2**bits - 1) of its group (range ~6 std for gaussian groups of 256), i.e.
+    # ~2.4% of the std at 8 bits. Normalisation layers can amplify it a few times.
+    assert errs[8] < 0.05
+    assert errs[2] > errs[8]  # ordering: 2 bits is noisier
+
+
+@pytest.mark.parametrize("cls,torch_cls,args,shape", CASES, ids=IDS)
+@pytest.mark.parametrize("bits", [1, 4])
+def test_saved_bytes_match_codec_formula(cls, torch_cls, args, shape, bits):
+    layer, _ = _pair(cls, torch_cls, args, bits)
+    x = torch.randn(shape, requires_grad=True)
+    with C.SavedBytesMeter(exclude=list(layer.parameters()) + list(layer.buffers())) as meter:
+        out = layer(x)
+    # One quantized record: the input (the output for Softmax, same shape).
+    assert meter.per_layer[id(layer)] == quantized_nbytes(out.shape if cls is C.Softmax
+                                                          else x.shape, bits)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_eval_and_no_grad_run_plain_torch():
+    layer, ref = _pair(C.Conv2d, nn.Conv2d, (3, 4, 3), 2)
+    x = torch.randn(2, 3, 8, 8)
+    with C.SavedBytesMeter() as meter, torch.no_grad():
+        out = layer(x)
+    assert torch.equal(out, ref(x)) and meter.total == 0
+
+
+def test_channels_last_input():
+    layer, ref = _pair(C.Conv2d, nn.Conv2d, (3, 4, 3), 8)
+    x = torch.randn(2, 3, 9, 9).to(memory_format=torch.channels_last).requires_grad_()
+    out = layer(x)
+    assert torch.equal(out, ref(x))
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_lossless_modules_exact():
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    for mine, theirs in [(C.MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 2, 1)),
+                         (C.AvgPool2d(3, 2, 1), nn.AvgPool2d(3, 2, 1)),
+                         (C.MaxPool1d(3, 1, 1), nn.MaxPool1d(3, 1, 1)),
+                         (C.AvgPool1d(2), nn.AvgPool1d(2))]:
+        inp = x.flatten(2) if isinstance(mine, (C.MaxPool1d, C.AvgPool1d)) else x
+        ref = theirs(inp)
+        g = torch.randn_like(ref)
+        out = mine(inp)
+        assert isinstance(mine, type(theirs))
+        assert torch.equal(out, ref)
+        assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    drop = C.Dropout(0.4)
+    torch.manual_seed(2)
+    out = drop(x)
+    torch.manual_seed(2)
+    assert torch.equal(out, F.dropout(x, 0.4))
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_aliases_and_bad_arguments():
+    assert C.QConv2d is C.Conv2d and C.QLinear is C.Linear and C.QSoftmax is C.Softmax
+    assert C.QBatchNorm2d is C.BatchNorm2d and C.QMaxPool2d is C.MaxPool2d
+    assert C.QReLU is FA.ReLU and C.QAvgPool2d is C.AvgPool2d and C.QDropout is C.Dropout
+    with pytest.raises(ValueError, match="bits"):
+        C.Linear(4, 4, bits=3)
+    with pytest.raises(TypeError, match="bits"):
+        C.Linear(4, 4, bits=2.0)
+    with pytest.raises(ValueError, match="group_size"):
+        C.Conv2d(1, 1, 1, group_size=0)
+    assert "bits=4" in repr(C.Linear(4, 4, bits=4))
