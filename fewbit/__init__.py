@@ -6,8 +6,9 @@ quantizations instead of full tensors. Swap ``torch.nn`` for ``fewbit``, or
 convert a model in place with :func:`fewbit.convert`.
 """
 
-from . import approx, codecs, functional, levels, models, modules
+from . import approx, codecs, functional, levels, models, modules, util
 from .compress import SavedTensorCompressor, compress
+from .convert import ConversionReport, conversion_report, convert
 from .levels import CompressionConfig, QModule, convert_compressed, set_optimization_level
 from .modules import (
     CELU,
@@ -57,6 +58,7 @@ from .modules.compressed import (
     QSyncBatchNorm,
     SavedBytesMeter,
 )
+from .modules.linear import LinearCRS, LinearGRP, RandomizedConv1D, RandomizedLinear
 
 __version__ = "0.1.0"
 
@@ -113,6 +115,14 @@ __all__ = [
     "set_optimization_level",
     "levels",
     "models",
+    "ConversionReport",
+    "conversion_report",
+    "convert",
+    "LinearCRS",
+    "LinearGRP",
+    "RandomizedConv1D",
+    "RandomizedLinear",
+    "util",
     "approx",
     "codecs",
     "functional",

@@ -34,8 +34,12 @@ from .compressed import (
     max_pool3d,
     scaled_dot_product_attention,
 )
+from .linear import linear_crs, linear_grp, linear_randomized
 
 __all__ = [
+    "linear_crs",
+    "linear_grp",
+    "linear_randomized",
     "avg_pool1d",
     "avg_pool2d",
     "avg_pool3d",

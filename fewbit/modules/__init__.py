@@ -25,9 +25,14 @@ from .activations import (
     Tanhshrink,
     Threshold,
 )
+from .linear import LinearCRS, LinearGRP, RandomizedConv1D, RandomizedLinear
 
 __all__ = [
     "compressed",
+    "LinearCRS",
+    "LinearGRP",
+    "RandomizedConv1D",
+    "RandomizedLinear",
     "CELU",
     "ELU",
     "GELU",
