@@ -28,7 +28,9 @@ class ActivationDef:
     defaults: Mapping[str, float] = field(default_factory=dict)
 
 
-def _def(name: str, forward: Callable[[Tensor, Params], Tensor], **defaults: float) -> ActivationDef:
+def _def(
+    name: str, forward: Callable[[Tensor, Params], Tensor], **defaults: float
+) -> ActivationDef:
     return ActivationDef(name, forward, dict(defaults))
 
 

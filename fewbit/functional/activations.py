@@ -112,6 +112,13 @@ def _masked(
 # --- piecewise-linear functions: exact 1-bit masks -------------------------------------------
 
 
+def _widened(x: Tensor) -> Tensor:
+    """x in float32 when it is fp16/bf16: torch's threshold and hardtanh backward compare
+    half-precision inputs against the parameter in float (hardshrink/softshrink compare in
+    the input's dtype)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def relu(input: Tensor, inplace: bool = False, *, bits: int = 1) -> Tensor:
     """ReLU; saves a 1-bit mask (x > 0)."""
     return _masked(input, F.relu, lambda x: x > 0, (0.0, 1.0), bits)
@@ -130,7 +137,9 @@ def threshold(
 ) -> Tensor:
     """Threshold; saves a 1-bit mask (x > threshold)."""
     th, val = float(threshold), float(value)
-    return _masked(input, lambda x: F.threshold(x, th, val), lambda x: x > th, (0.0, 1.0), bits)
+    return _masked(
+        input, lambda x: F.threshold(x, th, val), lambda x: _widened(x) > th, (0.0, 1.0), bits
+    )
 
 
 # torch's hardsigmoid backward multiplies by the float32 constant 1.0f/6.0f in every dtype.
@@ -156,9 +165,12 @@ def hardtanh(
     lo, hi = float(min_val), float(max_val)
     if lo > hi:
         raise ValueError(f"max_val ({hi}) cannot be lower than min_val ({lo})")
-    return _masked(
-        input, lambda x: F.hardtanh(x, lo, hi), lambda x: (x > lo) & (x < hi), (0.0, 1.0), bits
-    )
+
+    def inside(x: Tensor) -> Tensor:
+        wide = _widened(x)
+        return (wide > lo) & (wide < hi)
+
+    return _masked(input, lambda x: F.hardtanh(x, lo, hi), inside, (0.0, 1.0), bits)
 
 
 def relu6(input: Tensor, inplace: bool = False, *, bits: int = 1) -> Tensor:

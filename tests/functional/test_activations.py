@@ -30,13 +30,14 @@ class Case:
 
 PIECEWISE = [
     Case("relu", FB.relu, F.relu, kinks=(0.0,)),
-    Case("leaky_relu", FB.leaky_relu, F.leaky_relu, {"negative_slope": 0.2}, kinks=(0.0,)),
-    Case("threshold", FB.threshold, F.threshold, {"threshold": 0.5, "value": -2.0}, kinks=(0.5,)),
+    # Parameters not representable in fp16/bf16 check torch's comparison convention at the kinks.
+    Case("leaky_relu", FB.leaky_relu, F.leaky_relu, {"negative_slope": 0.3}, kinks=(0.0,)),
+    Case("threshold", FB.threshold, F.threshold, {"threshold": 0.3, "value": -2.0}, kinks=(0.3,)),
     Case("hardsigmoid", FB.hardsigmoid, F.hardsigmoid, kinks=(-3.0, 3.0)),
-    Case("hardtanh", FB.hardtanh, F.hardtanh, {"min_val": -0.5, "max_val": 2.0}, kinks=(-0.5, 2.0)),
+    Case("hardtanh", FB.hardtanh, F.hardtanh, {"min_val": -0.3, "max_val": 0.7}, kinks=(-0.3, 0.7)),
     Case("relu6", FB.relu6, F.relu6, kinks=(0.0, 6.0)),
-    Case("hardshrink", FB.hardshrink, F.hardshrink, {"lambd": 0.5}, kinks=(-0.5, 0.5)),
-    Case("softshrink", FB.softshrink, F.softshrink, {"lambd": 0.5}, kinks=(-0.5, 0.5)),
+    Case("hardshrink", FB.hardshrink, F.hardshrink, {"lambd": 0.3}, kinks=(-0.3, 0.3)),
+    Case("softshrink", FB.softshrink, F.softshrink, {"lambd": 0.3}, kinks=(-0.3, 0.3)),
 ]
 
 CONTINUOUS = [
@@ -139,8 +140,10 @@ def test_gradient_close_to_exact(case: Case) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_piecewise_gradient_exact_including_kinks(case: Case, dtype: torch.dtype) -> None:
     base = torch.randn(300, dtype=torch.float64) * 4
-    kinks = torch.tensor(case.kinks, dtype=torch.float64).repeat(4)
-    x = torch.cat([base, kinks]).to(dtype)
+    kinks = torch.tensor(case.kinks, dtype=torch.float64).to(dtype)
+    inf = torch.full_like(kinks, float("inf"))
+    near = torch.cat([kinks, kinks.nextafter(inf), kinks.nextafter(-inf)]).repeat(2)
+    x = torch.cat([base.to(dtype), near])
     g = torch.randn(x.shape, dtype=torch.float64).to(dtype)
     xa = x.clone().requires_grad_(True)
     (gx,) = torch.autograd.grad(case.fewbit(xa, **case.kwargs), xa, g)

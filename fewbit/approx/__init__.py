@@ -1,0 +1,19 @@
+"""Optimal piecewise-constant derivative tables for few-bit activations.
+
+``get_table(name, bits, params)`` returns the table the backward pass uses:
+shipped precomputed tables for default parameters, built (and cached) on demand
+for others. ``python -m fewbit.approx`` regenerates the shipped data file.
+"""
+
+from .functions import CONTINUOUS, ActivationDef, get_definition, normalize_params
+from .store import get_table
+from .table import Table
+
+__all__ = [
+    "CONTINUOUS",
+    "ActivationDef",
+    "Table",
+    "get_definition",
+    "get_table",
+    "normalize_params",
+]
