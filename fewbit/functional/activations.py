@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..approx import Table, get_definition, get_table, normalize_params
 from ..codecs.bitpack import check_bits
-from .fewbit_fn import apply_fewbit, check_floating
+from .fewbit_fn import ActivationSpec, apply_fewbit, check_floating, private_autograd
 
 __all__ = [
     "activation",
@@ -74,7 +74,7 @@ def activation(input: Tensor, forward: Callable[[Tensor], Tensor], table: TableL
     """
     check_floating(input)
     table = _as_table(table)
-    return apply_fewbit(input, forward, table.encode, table.levels, table.bits)
+    return apply_fewbit(input, ActivationSpec(forward, table.encode, table.levels, table.bits))
 
 
 def _continuous(
@@ -92,8 +92,22 @@ def _continuous(
     def forward(x: Tensor) -> Tensor:
         return definition.forward(x, full)
 
-    chosen = get_table(name, bits, full) if table is None else _as_table(table)
-    return apply_fewbit(input, forward, chosen.encode, chosen.levels, chosen.bits)
+    if table is None:
+        with private_autograd():  # a first use of new parameters builds a table
+            chosen = get_table(name, bits, full)
+    else:
+        chosen = _as_table(table)
+    spec = ActivationSpec(
+        forward,
+        chosen.encode,
+        chosen.levels,
+        chosen.bits,
+        kernel=name,
+        params=full,
+        boundaries=chosen.boundaries,
+        symmetric=chosen.symmetric,
+    )
+    return apply_fewbit(input, spec)
 
 
 def _masked(
@@ -102,11 +116,14 @@ def _masked(
     mask: Callable[[Tensor], Tensor],
     levels: tuple[float, float],
     bits: int,
+    kernel: str,
+    params: Mapping[str, float] | None = None,
 ) -> Tensor:
     """Exact 1-bit save: the derivative is levels[1] where mask(x), else levels[0]."""
     check_floating(input)
     check_bits(bits)
-    return apply_fewbit(input, forward, mask, levels, 1)
+    spec = ActivationSpec(forward, mask, levels, 1, kernel=kernel, params=dict(params or {}))
+    return apply_fewbit(input, spec)
 
 
 # --- piecewise-linear functions: exact 1-bit masks -------------------------------------------
@@ -121,7 +138,7 @@ def _widened(x: Tensor) -> Tensor:
 
 def relu(input: Tensor, inplace: bool = False, *, bits: int = 1) -> Tensor:
     """ReLU; saves a 1-bit mask (x > 0)."""
-    return _masked(input, F.relu, lambda x: x > 0, (0.0, 1.0), bits)
+    return _masked(input, F.relu, lambda x: x > 0, (0.0, 1.0), bits, "relu")
 
 
 def leaky_relu(
@@ -129,7 +146,16 @@ def leaky_relu(
 ) -> Tensor:
     """LeakyReLU; saves a 1-bit mask (x > 0)."""
     slope = float(negative_slope)
-    return _masked(input, lambda x: F.leaky_relu(x, slope), lambda x: x > 0, (slope, 1.0), bits)
+    params = {"negative_slope": slope}
+    return _masked(
+        input,
+        lambda x: F.leaky_relu(x, slope),
+        lambda x: x > 0,
+        (slope, 1.0),
+        bits,
+        "leaky_relu",
+        params,
+    )
 
 
 def threshold(
@@ -138,7 +164,13 @@ def threshold(
     """Threshold; saves a 1-bit mask (x > threshold)."""
     th, val = float(threshold), float(value)
     return _masked(
-        input, lambda x: F.threshold(x, th, val), lambda x: _widened(x) > th, (0.0, 1.0), bits
+        input,
+        lambda x: F.threshold(x, th, val),
+        lambda x: _widened(x) > th,
+        (0.0, 1.0),
+        bits,
+        "threshold",
+        {"threshold": th, "value": val},
     )
 
 
@@ -149,7 +181,12 @@ _ONE_SIXTH_F32 = float(torch.tensor(1.0 / 6.0, dtype=torch.float32).item())
 def hardsigmoid(input: Tensor, inplace: bool = False, *, bits: int = 1) -> Tensor:
     """Hardsigmoid; saves a 1-bit mask (-3 < x < 3), derivative 1/6 inside."""
     return _masked(
-        input, F.hardsigmoid, lambda x: (x > -3.0) & (x < 3.0), (0.0, _ONE_SIXTH_F32), bits
+        input,
+        F.hardsigmoid,
+        lambda x: (x > -3.0) & (x < 3.0),
+        (0.0, _ONE_SIXTH_F32),
+        bits,
+        "hardsigmoid",
     )
 
 
@@ -170,12 +207,15 @@ def hardtanh(
         wide = _widened(x)
         return (wide > lo) & (wide < hi)
 
-    return _masked(input, lambda x: F.hardtanh(x, lo, hi), inside, (0.0, 1.0), bits)
+    params = {"min_val": lo, "max_val": hi}
+    return _masked(
+        input, lambda x: F.hardtanh(x, lo, hi), inside, (0.0, 1.0), bits, "hardtanh", params
+    )
 
 
 def relu6(input: Tensor, inplace: bool = False, *, bits: int = 1) -> Tensor:
     """ReLU6; saves a 1-bit mask (0 < x < 6)."""
-    return _masked(input, F.relu6, lambda x: (x > 0.0) & (x < 6.0), (0.0, 1.0), bits)
+    return _masked(input, F.relu6, lambda x: (x > 0.0) & (x < 6.0), (0.0, 1.0), bits, "relu6")
 
 
 def _shrink_mask(lambd: float) -> Callable[[Tensor], Tensor]:
@@ -185,7 +225,15 @@ def _shrink_mask(lambd: float) -> Callable[[Tensor], Tensor]:
 def hardshrink(input: Tensor, lambd: float = 0.5, *, bits: int = 1) -> Tensor:
     """Hardshrink; saves a 1-bit mask (|x| > lambd)."""
     lam = float(lambd)
-    return _masked(input, lambda x: F.hardshrink(x, lam), _shrink_mask(lam), (0.0, 1.0), bits)
+    return _masked(
+        input,
+        lambda x: F.hardshrink(x, lam),
+        _shrink_mask(lam),
+        (0.0, 1.0),
+        bits,
+        "hardshrink",
+        {"lambd": lam},
+    )
 
 
 def softshrink(input: Tensor, lambd: float = 0.5, *, bits: int = 1) -> Tensor:
@@ -193,7 +241,15 @@ def softshrink(input: Tensor, lambd: float = 0.5, *, bits: int = 1) -> Tensor:
     lam = float(lambd)
     if lam < 0:
         raise ValueError(f"lambd must be >= 0, got {lam}")
-    return _masked(input, lambda x: F.softshrink(x, lam), _shrink_mask(lam), (0.0, 1.0), bits)
+    return _masked(
+        input,
+        lambda x: F.softshrink(x, lam),
+        _shrink_mask(lam),
+        (0.0, 1.0),
+        bits,
+        "softshrink",
+        {"lambd": lam},
+    )
 
 
 # --- continuous functions: optimal few-bit derivative tables ---------------------------------

@@ -5,6 +5,10 @@ and stores, for backward, only a packed code of the input: ``ceil(n*bits/8)``
 bytes instead of the ``n * element_size`` bytes torch keeps. Backward returns
 ``grad_output * levels[code]``.
 
+On CUDA (Triton importable, ``FEWBIT_DISABLE_TRITON`` not ``1``) forward and
+backward are single fused kernel passes (:mod:`fewbit.kernels`) with the same codes
+and packing; their output is within a few ulp of torch's rather than bit-identical.
+
 Non-finite inputs (NaN, +-inf) are rare but must not silently change the
 gradient: their flat indices and torch's own derivative there are stored on the
 side (nothing when the input is finite), so those elements get exactly torch's
@@ -13,19 +17,28 @@ gradient (NaN where torch gives NaN).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from .. import kernels
 from ..codecs.bitpack import pack, unpack
 from ..codecs.marks import mark_compact
 
-__all__ = ["FewBitActivation", "apply_fewbit", "check_floating"]
+__all__ = [
+    "ActivationSpec",
+    "FewBitActivation",
+    "apply_fewbit",
+    "check_floating",
+    "private_autograd",
+]
 
 Forward = Callable[[Tensor], Tensor]
 Encoder = Callable[[Tensor], Tensor]
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_floating(input: Tensor, name: str = "input") -> None:
@@ -40,6 +53,13 @@ def _keep(t: Tensor) -> Tensor:
     return t
 
 
+def private_autograd() -> torch.autograd.graph.saved_tensors_hooks:
+    """Identity saved-tensor hooks for fewbit's own transient graphs (table building, the
+    derivative at non-finite inputs): they are not saves of the user's model, so outer hooks
+    (the generic compressor, the profiler) must not see them."""
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
+
+
 def _nonfinite_derivative(x: Tensor, forward: Forward) -> tuple[Tensor, Tensor]:
     """Flat indices of non-finite elements of x and torch's derivative of forward there."""
     flat = x.detach().reshape(-1)
@@ -51,33 +71,69 @@ def _nonfinite_derivative(x: Tensor, forward: Forward) -> tuple[Tensor, Tensor]:
     index = (~torch.isfinite(flat)).nonzero().squeeze(1)
     if index.numel() == 0:
         return index, flat.new_empty(0)
-    # Identity hooks: this tiny transient graph is not a save of the model's, so outer
-    # hooks (the generic compressor, the profiler) must not see it.
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+    with torch.enable_grad(), private_autograd():
         xs = flat[index].clone().requires_grad_(True)
         (derivative,) = torch.autograd.grad(forward(xs), xs, torch.ones_like(xs))
     return index, derivative
 
 
+@dataclass(frozen=True)
+class ActivationSpec:
+    """What one few-bit activation computes, how it encodes its input, what a code means.
+
+    ``kernel`` names the activation for the fused Triton kernels (``None``: a custom
+    forward the kernels do not know, always the PyTorch path); ``params``,
+    ``boundaries`` and ``symmetric`` are what those kernels need to compute the same
+    output and codes.
+    """
+
+    forward: Forward
+    encode: Encoder
+    levels: tuple[float, ...]
+    bits: int
+    kernel: Optional[str] = None
+    params: Mapping[str, float] = field(default_factory=dict)
+    boundaries: Optional[tuple[float, ...]] = None
+    symmetric: bool = False
+
+
+def _use_kernels(t: Tensor) -> bool:
+    return t.dtype in _KERNEL_DTYPES and kernels.available(t)
+
+
+def _forward_and_pack(x: Tensor, spec: ActivationSpec) -> tuple[Tensor, Tensor]:
+    """(y, packed codes): one fused Triton pass on CUDA, torch ops elsewhere."""
+    if spec.kernel is not None and _use_kernels(x):
+        bounds = None
+        if spec.boundaries is not None:
+            bounds = torch.tensor(spec.boundaries, dtype=torch.float64, device=x.device)
+        return kernels.activation_forward(
+            x, spec.kernel, dict(spec.params), bounds, spec.symmetric, spec.bits
+        )
+    return spec.forward(x), pack(spec.encode(x), spec.bits)
+
+
+def _grad_times_levels(grad: Tensor, packed: Tensor, spec: ActivationSpec, shape: torch.Size):
+    """grad * levels[code], multiplied in float32 (float64 for float64) and rounded once."""
+    compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    lut = torch.tensor(spec.levels, dtype=compute, device=grad.device)
+    if _use_kernels(grad):
+        return kernels.activation_backward(grad.contiguous(), packed, lut, spec.bits).view(shape)
+    codes = unpack(packed, spec.bits, shape.numel())
+    factor = lut.index_select(0, codes.int()).view(shape)
+    return torch.mul(grad, factor).to(grad.dtype)
+
+
 class FewBitActivation(torch.autograd.Function):
-    """y = forward(x); saves pack(encode(x), bits); backward: grad * levels[code]."""
+    """y = forward(x); saves the packed code of x; backward: grad * levels[code]."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: FunctionCtx,
-        x: Tensor,
-        forward: Forward,
-        encode: Encoder,
-        levels: Sequence[float],
-        bits: int,
-    ) -> Tensor:
-        y = forward(x)
-        packed = mark_compact(pack(encode(x), bits))
-        index, derivative = _nonfinite_derivative(x, forward)
-        ctx.save_for_backward(packed, index, derivative)
+    def forward(ctx: FunctionCtx, x: Tensor, spec: ActivationSpec) -> Tensor:  # type: ignore[override]
+        y, packed = _forward_and_pack(x, spec)
+        index, derivative = _nonfinite_derivative(x, spec.forward)
+        ctx.save_for_backward(mark_compact(packed), index, derivative)
         ctx.shape = x.shape  # type: ignore[attr-defined]
-        ctx.bits = bits  # type: ignore[attr-defined]
-        ctx.levels = tuple(levels)  # type: ignore[attr-defined]
+        ctx.spec = spec  # type: ignore[attr-defined]
         return y
 
     @staticmethod
@@ -89,23 +145,16 @@ class FewBitActivation(torch.autograd.Function):
                 "activation where a second derivative is needed"
             )
         packed, index, derivative = ctx.saved_tensors  # type: ignore[attr-defined]
-        shape: torch.Size = ctx.shape  # type: ignore[attr-defined]
-        codes = unpack(packed, ctx.bits, shape.numel())  # type: ignore[attr-defined]
-        compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        lut = torch.tensor(ctx.levels, dtype=compute, device=grad.device)  # type: ignore[attr-defined]
-        factor = lut.index_select(0, codes.int()).view(shape)
-        grad_in = torch.mul(grad, factor).to(grad.dtype)
+        grad_in = _grad_times_levels(grad, packed, ctx.spec, ctx.shape)  # type: ignore[attr-defined]
         if index.numel():
             grad_in = grad_in.contiguous()
             flat = grad_in.view(-1)
             flat[index] = grad.reshape(-1)[index] * derivative
-        return grad_in, None, None, None, None
+        return grad_in, None
 
 
-def apply_fewbit(
-    x: Tensor, forward: Forward, encode: Encoder, levels: Sequence[float], bits: int
-) -> Tensor:
-    """Run ``forward`` on x, saving only a ``bits``-bit code when a gradient is needed."""
+def apply_fewbit(x: Tensor, spec: ActivationSpec) -> Tensor:
+    """Run ``spec.forward`` on x, saving only a ``spec.bits``-bit code when a gradient is needed."""
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return forward(x)
-    return FewBitActivation.apply(x, forward, encode, levels, bits)
+        return spec.forward(x)
+    return FewBitActivation.apply(x, spec)

@@ -1,0 +1,387 @@
+"""Fused few-bit activations in Triton: one pass forward, one pass backward.
+
+Forward reads x, computes y = f(x) in float32 (torch's formulas), finds each
+element's code (an exact mask bit, or the count of table boundaries strictly
+below x or |x|) and packs the codes, 8 per group of ``bits`` bytes, in the layout
+of :mod:`fewbit.codecs.bitpack`. Backward unpacks the codes, looks up the level
+and multiplies it by the incoming gradient in float32.
+
+Bytes moved per element (s = element size, b = bits): forward 2s + b/8,
+backward 2s + b/8. Stored between the passes: b/8 per element.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence, Union
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..approx.functions import CONTINUOUS, normalize_params
+from ..codecs.bitpack import check_bits, packed_nbytes
+from . import fmath
+from .bitpack import byte_pad, load_packed, store_packed
+from .launch import FLOAT_DTYPES, NUM_WARPS, check_launchable, groups_per_program, precise
+
+__all__ = ["MASKED", "activation_backward", "activation_forward"]
+
+# Activation ids (compile-time constants of the forward kernel). Ids below _FIRST_TABLE
+# use an exact 1-bit mask; the others a boundary table.
+_RELU, _LEAKY_RELU, _THRESHOLD, _HARDSIGMOID, _HARDTANH, _HARDSHRINK, _SOFTSHRINK = range(7)
+_FIRST_TABLE = 10
+_ELU, _GELU, _GELU_TANH, _HARDSWISH, _LOGSIGMOID, _MISH = range(10, 16)
+_SIGMOID, _SILU, _SOFTPLUS, _SOFTSIGN, _TANH, _TANHSHRINK = range(16, 22)
+
+MASKED: dict[str, dict[str, float]] = {
+    "relu": {},
+    "leaky_relu": {"negative_slope": 0.01},
+    "threshold": {"threshold": math.nan, "value": math.nan},
+    "hardsigmoid": {},
+    "hardtanh": {"min_val": -1.0, "max_val": 1.0},
+    "relu6": {},
+    "hardshrink": {"lambd": 0.5},
+    "softshrink": {"lambd": 0.5},
+}
+"""Mask (1-bit) activations and their parameters with defaults (nan: required)."""
+
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+Params = Mapping[str, float]
+Boundaries = Union[Tensor, Sequence[float]]
+
+
+# --- kernel pieces ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _forward_value(x, a, b, c, ACT: tl.constexpr, PRECISE: tl.constexpr, DTYPE: tl.constexpr):
+    """y = f(x) in float32; a, b, c are the activation's float32 parameters.
+
+    Divisions are IEEE-rounded (``div_rn``; compiled ``/`` is approximate), as in torch.
+    """
+    if ACT == 0:  # relu (NaN stays NaN)
+        y = tl.where(x <= 0.0, 0.0, x)
+    elif ACT == 1:  # leaky_relu, a = slope
+        y = tl.where(x > 0.0, x, x * a)
+    elif ACT == 2:  # threshold, a = threshold, b = value
+        y = tl.where(x <= a, b, x)
+    elif ACT == 3:  # hardsigmoid
+        y = tl.math.div_rn(tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0), 6.0)
+    elif ACT == 4:  # hardtanh, a = min_val, b = max_val
+        y = tl.where(x < a, a, tl.where(x > b, b, x))
+    elif ACT == 5:  # hardshrink, c = lambd rounded to the input dtype (as torch compares)
+        y = tl.where((x >= -c) & (x <= c), 0.0, x)
+    elif ACT == 6:  # softshrink, a = lambd
+        y = tl.where(x > a, x - a, tl.where(x < -a, x + a, 0.0))
+    elif ACT == 10:  # elu family, a = scale, b = alpha * scale, c = input scale
+        y = tl.where(x <= 0.0, fmath.expm1(tl.minimum(x, 0.0) * c, PRECISE) * b, x * a)
+    elif ACT == 11:  # gelu
+        y = x * 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == 12:  # gelu_tanh
+        inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
+        y = 0.5 * x * (1.0 + fmath.tanh(inner, PRECISE))
+    elif ACT == 13:  # hardswish
+        y = tl.math.div_rn(x * tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0), 6.0)
+    elif ACT == 14:  # logsigmoid
+        y = tl.minimum(x, 0.0) - fmath.log1p(fmath.exp(-tl.abs(x), PRECISE), PRECISE)
+    elif ACT == 15:  # mish
+        y = x * fmath.tanh(fmath.log1p(fmath.exp(x, PRECISE), PRECISE), PRECISE)
+    elif ACT == 16:  # sigmoid
+        y = tl.math.div_rn(1.0, 1.0 + fmath.exp(-x, PRECISE))
+    elif ACT == 17:  # silu
+        y = tl.math.div_rn(x, 1.0 + fmath.exp(-x, PRECISE))
+    elif ACT == 18:  # softplus, a = beta, b = threshold
+        xb = x * a
+        sp = fmath.log1p(fmath.exp(tl.where(xb > b, b, xb), PRECISE), PRECISE)
+        y = tl.where(xb > b, x, tl.math.div_rn(sp, a))
+    elif ACT == 19:  # softsign: torch rounds 1 + |x| to the input dtype first
+        y = tl.math.div_rn(x, fmath.round_to(tl.abs(x) + 1.0, DTYPE).to(tl.float32))
+    elif ACT == 20:  # tanh
+        y = fmath.tanh(x, PRECISE)
+    else:  # 21, tanhshrink: torch rounds tanh(x) to the input dtype first
+        y = x - fmath.round_to(fmath.tanh(x, PRECISE), DTYPE).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _mask_code(x, c, d, ACT: tl.constexpr):
+    """The exact 1-bit code of a piecewise-linear activation (c, d: dtype-rounded params)."""
+    if ACT <= 1:  # relu, leaky_relu
+        m = x > 0.0
+    elif ACT == 2:  # threshold
+        m = x > c
+    elif ACT == 3:  # hardsigmoid
+        m = (x > -3.0) & (x < 3.0)
+    elif ACT == 4:  # hardtanh
+        m = (x > c) & (x < d)
+    else:  # hardshrink, softshrink
+        m = (x < -c) | (x > c)
+    return m.to(tl.int32)
+
+
+@triton.jit
+def _table_code(x, bounds_ptr, NB: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Number of boundaries strictly below x (|x| if SYMMETRIC).
+
+    NaN, as ``Table.encode``: 0 up to 4 bits (comparison count), NB above (torch.bucketize).
+    """
+    if SYMMETRIC:
+        src = tl.abs(x)
+    else:
+        src = x
+    code = tl.zeros(x.shape, dtype=tl.int32)
+    if BITS <= 4:  # count: NB scalar loads and compares
+        for k in tl.static_range(NB):
+            code += (tl.load(bounds_ptr + k) < src).to(tl.int32)
+    else:  # binary search: BITS gathers from the (cached) boundary table
+        for s in tl.static_range(BITS):
+            cand = code + (1 << (BITS - 1 - s))
+            bound = tl.load(bounds_ptr + (cand - 1))
+            code = tl.where(bound < src, cand, code)
+        code = tl.where(src != src, NB, code)
+    return code
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr,
+    y_ptr,
+    packed_ptr,
+    bounds_ptr,
+    n,
+    nbytes,
+    a,
+    b,
+    c,
+    d,
+    ACT: tl.constexpr,
+    BITS: tl.constexpr,
+    P: tl.constexpr,
+    NB: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    GROUPS: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    group = pid * GROUPS + tl.arange(0, GROUPS)
+    offs = group[:, None] * 8 + tl.arange(0, 8)[None, :]
+    inside = offs < n
+    x_raw = tl.load(x_ptr + offs, mask=inside, other=0.0)
+    x = x_raw.to(tl.float32)
+    y = _forward_value(x, a, b, c, ACT, PRECISE, x_raw.dtype)
+    tl.store(y_ptr + offs, fmath.round_to(y, x_raw.dtype), mask=inside)
+    if ACT < 10:
+        code = _mask_code(x, c, d, ACT)
+    else:
+        code = _table_code(x, bounds_ptr, NB, BITS, SYMMETRIC)
+    code = tl.where(inside, code, 0)
+    store_packed(packed_ptr, group, code, nbytes, BITS, P)
+
+
+@triton.jit
+def _backward_kernel(
+    grad_ptr,
+    packed_ptr,
+    levels_ptr,
+    out_ptr,
+    n,
+    nbytes,
+    BITS: tl.constexpr,
+    P: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    group = pid * GROUPS + tl.arange(0, GROUPS)
+    offs = group[:, None] * 8 + tl.arange(0, 8)[None, :]
+    inside = offs < n
+    code = load_packed(packed_ptr, group, nbytes, BITS, P)
+    g_raw = tl.load(grad_ptr + offs, mask=inside, other=0.0)
+    if BITS == 1:
+        level = tl.where(code != 0, tl.load(levels_ptr + 1), tl.load(levels_ptr))
+    else:
+        level = tl.load(levels_ptr + code)
+    out = g_raw.to(tl.float32) * level
+    tl.store(out_ptr + offs, fmath.round_to(out, g_raw.dtype), mask=inside)
+
+
+# --- host side -------------------------------------------------------------------------------
+
+
+def _as_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (how torch compares a tensor with a Python scalar)."""
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype).item())
+
+
+def _masked_args(
+    name: str, params: Params | None, dtype: torch.dtype
+) -> tuple[int, float, float, float, float]:
+    """(id, a, b, c, d) of a mask activation: a, b for y; c, d (dtype-rounded) for the mask."""
+    given = dict(params or {})
+    unknown = set(given) - set(MASKED[name])
+    if unknown:
+        raise ValueError(f"{name} takes no parameter(s) {sorted(unknown)}")
+    p = {**MASKED[name], **{k: float(v) for k, v in given.items()}}
+    missing = [k for k, v in p.items() if math.isnan(v) and k not in given]
+    if missing:
+        raise ValueError(f"{name} needs parameter(s) {missing}")
+    if name == "relu":
+        return _RELU, 0.0, 0.0, 0.0, 0.0
+    if name == "leaky_relu":
+        return _LEAKY_RELU, p["negative_slope"], 0.0, 0.0, 0.0
+    if name == "threshold":
+        th = p["threshold"]
+        return _THRESHOLD, th, p["value"], _as_dtype(th, dtype), 0.0
+    if name == "hardsigmoid":
+        return _HARDSIGMOID, 0.0, 0.0, 0.0, 0.0
+    if name in ("hardtanh", "relu6"):
+        lo, hi = (0.0, 6.0) if name == "relu6" else (p["min_val"], p["max_val"])
+        if lo > hi:
+            raise ValueError(f"max_val ({hi}) cannot be lower than min_val ({lo})")
+        return _HARDTANH, lo, hi, _as_dtype(lo, dtype), _as_dtype(hi, dtype)
+    lam = p["lambd"]
+    if name == "softshrink" and lam < 0:
+        raise ValueError(f"lambd must be >= 0, got {lam}")
+    act = _HARDSHRINK if name == "hardshrink" else _SOFTSHRINK
+    return act, lam, 0.0, _as_dtype(lam, dtype), 0.0
+
+
+def _table_args(name: str, params: Params | None) -> tuple[int, float, float, float]:
+    """(id, a, b, c) of a table activation, as torch computes its float32 coefficients."""
+    p = normalize_params(name, params)
+    f32 = _as_float32
+    if name in ("elu", "celu", "selu"):
+        if name == "selu":
+            alpha, scale, in_scale = _SELU_ALPHA, _SELU_SCALE, 1.0
+        else:
+            alpha, scale = p["alpha"], 1.0
+            in_scale = 1.0 / alpha if name == "celu" else 1.0
+        return _ELU, f32(scale), f32(f32(alpha) * f32(scale)), f32(in_scale)
+    if name == "softplus":
+        return _SOFTPLUS, p["beta"], p["threshold"], 0.0
+    ids = {
+        "gelu": _GELU,
+        "gelu_tanh": _GELU_TANH,
+        "hardswish": _HARDSWISH,
+        "logsigmoid": _LOGSIGMOID,
+        "mish": _MISH,
+        "sigmoid": _SIGMOID,
+        "silu": _SILU,
+        "softsign": _SOFTSIGN,
+        "tanh": _TANH,
+        "tanhshrink": _TANHSHRINK,
+    }
+    return ids[name], 0.0, 0.0, 0.0
+
+
+def _as_float32(value: float) -> float:
+    return _as_dtype(value, torch.float32)
+
+
+def _bounds_tensor(boundaries: Boundaries | None, bits: int, x: Tensor) -> Tensor:
+    """Boundaries rounded to x.dtype (as Table.encode compares), held as float32 on x's device."""
+    if boundaries is None:
+        raise ValueError("boundaries are required for a table activation")
+    if isinstance(boundaries, Tensor):
+        b = boundaries.detach().reshape(-1).to(device=x.device)
+    else:
+        b = torch.tensor([float(v) for v in boundaries], dtype=torch.float64, device=x.device)
+    if b.numel() != (1 << bits) - 1:
+        raise ValueError(
+            f"boundaries must have 2**bits - 1 = {(1 << bits) - 1} entries, got {b.numel()}"
+        )
+    return b.to(x.dtype).to(torch.float32).contiguous()
+
+
+def _check_float(t: Tensor, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, float16 or bfloat16 for the kernels, got {t.dtype}"
+        )
+    check_launchable(t, name)
+
+
+def _grid(n: int, groups: int) -> tuple[int]:
+    return (triton.cdiv(triton.cdiv(n, 8), groups),)
+
+
+def activation_forward(
+    x: Tensor,
+    name: str,
+    params: Params | None = None,
+    boundaries: Boundaries | None = None,
+    symmetric: bool = False,
+    bits: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Fused forward: ``(y, packed)`` with y = f(x) (x's dtype and shape) and the packed codes.
+
+    ``name``: a key of :data:`MASKED` (exact 1-bit mask; ``bits`` must be 1, ``boundaries``
+    None) or of :data:`fewbit.approx.CONTINUOUS` (code = boundaries strictly below x, or |x|
+    if ``symmetric``; ``boundaries`` has 2**bits - 1 increasing entries; pass float64 values
+    so they round once to x.dtype, like ``Table.encode``). ``packed`` is uint8 of exactly
+    ``ceil(n*bits/8)`` bytes, the layout of :func:`fewbit.codecs.bitpack.pack`.
+    Moves 2*itemsize + bits/8 bytes per element; keeps bits/8 per element.
+    """
+    _check_float(x, "x")
+    check_bits(bits)
+    if name in MASKED:
+        if bits != 1:
+            raise ValueError(f"{name} uses an exact 1-bit mask: bits must be 1, got {bits}")
+        if boundaries is not None:
+            raise ValueError(f"{name} uses an exact mask: boundaries must be None")
+        act, a, b, c, d = _masked_args(name, params, x.dtype)
+        bounds = torch.zeros(1, dtype=torch.float32, device=x.device)
+    elif name in CONTINUOUS:
+        act, a, b, c = _table_args(name, params)
+        d = 0.0
+        bounds = _bounds_tensor(boundaries, bits, x)
+    else:
+        known = sorted([*MASKED, *CONTINUOUS])
+        raise ValueError(f"unknown activation {name!r}; expected one of {known}")
+    flat = x.reshape(-1).contiguous()
+    n = flat.numel()
+    nbytes = packed_nbytes(n, bits)
+    y = torch.empty_like(flat)
+    packed = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+    if n > 0:
+        groups = groups_per_program(flat)
+        _forward_kernel[_grid(n, groups)](
+            flat, y, packed, bounds, n, nbytes, a, b, c, d,
+            ACT=act, BITS=bits, P=byte_pad(bits), NB=(1 << bits) - 1,
+            SYMMETRIC=bool(symmetric), GROUPS=groups, PRECISE=precise(flat),
+            num_warps=NUM_WARPS,
+        )  # fmt: skip
+    return y.view(x.shape), packed
+
+
+def activation_backward(grad: Tensor, packed: Tensor, levels: Tensor, bits: int) -> Tensor:
+    """``grad * levels[code]`` (float32 product, rounded to grad's dtype), codes from ``packed``.
+
+    ``levels``: 2**bits values (any float dtype; used as float32). Output: grad's shape and
+    dtype. Moves 2*itemsize + bits/8 bytes per element.
+    """
+    _check_float(grad, "grad")
+    check_bits(bits)
+    if not isinstance(packed, Tensor) or packed.dtype != torch.uint8:
+        raise TypeError("packed must be a uint8 tensor")
+    n = grad.numel()
+    nbytes = packed_nbytes(n, bits)
+    if packed.numel() != nbytes:
+        raise ValueError(f"packed has {packed.numel()} bytes, expected {nbytes} for {n} codes")
+    if levels.numel() != 1 << bits:
+        raise ValueError(f"levels must have 2**bits = {1 << bits} entries, got {levels.numel()}")
+    lv = levels.detach().reshape(-1).to(device=grad.device, dtype=torch.float32).contiguous()
+    flat = grad.reshape(-1).contiguous()
+    out = torch.empty_like(flat)
+    if n > 0:
+        groups = groups_per_program(flat)
+        _backward_kernel[_grid(n, groups)](
+            flat, packed.reshape(-1).contiguous(), lv, out, n, nbytes,
+            BITS=bits, P=byte_pad(bits), GROUPS=groups, num_warps=NUM_WARPS,
+        )  # fmt: skip
+    return out.view(grad.shape)

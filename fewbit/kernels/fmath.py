@@ -1,0 +1,88 @@
+"""Elementwise float32 math for the Triton kernels: exp, tanh, expm1, log1p, rounding.
+
+``tl.math`` has no tanh, expm1 or log1p (and its exp is approximate on GPUs), and
+the Triton interpreter supports no libdevice call. Each function therefore has two
+implementations picked by the compile-time flag ``PRECISE``:
+
+* ``PRECISE=True`` (compiled GPU kernels): libdevice, i.e. the CUDA/HIP math
+  library that PyTorch's own GPU kernels call, so outputs track torch's closely.
+* ``PRECISE=False`` (interpreter, tests): formulas on ``tl.exp``/``tl.log`` that
+  avoid cancellation (Kahan's expm1/log1p corrections); a few ulp of float32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+__all__ = ["exp", "expm1", "log1p", "round_to", "tanh"]
+
+
+@triton.jit
+def exp(x, PRECISE: tl.constexpr):
+    """exp in float32 (compiled ``tl.exp`` is the approximate ex2 instruction)."""
+    if PRECISE:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def expm1(x, PRECISE: tl.constexpr):
+    """exp(x) - 1 in float32, accurate near 0 (Kahan: (u - 1) * x / log(u), u = exp(x))."""
+    if PRECISE:
+        return libdevice.expm1(x)
+    else:
+        u = tl.exp(x)
+        um1 = u - 1.0
+        # u == 1: x is below half an ulp of 1, expm1(x) == x to float precision.
+        safe = tl.where((u == 1.0) | (u == 0.0) | (um1 == float("inf")), 2.0, u)
+        r = (safe - 1.0) * x / tl.log(safe)
+        r = tl.where(u == 1.0, x, r)
+        r = tl.where(u == 0.0, -1.0, r)
+        return tl.where(um1 == float("inf"), um1, r)
+
+
+@triton.jit
+def log1p(x, PRECISE: tl.constexpr):
+    """log(1 + x) in float32 for x >= -1, accurate near 0 (Kahan: log(w) * x / (w - 1))."""
+    if PRECISE:
+        return libdevice.log1p(x)
+    else:
+        w = 1.0 + x
+        wm1 = w - 1.0
+        ok = (w != 1.0) & (w != float("inf")) & (w != 0.0)
+        safe_w = tl.where(ok, w, 2.0)
+        safe_wm1 = tl.where(ok, wm1, 1.0)
+        r = tl.log(safe_w) * (x / safe_wm1)
+        r = tl.where(w == 1.0, x, r)
+        return tl.where(ok | (w == 1.0), r, tl.log(w))
+
+
+@triton.jit
+def tanh(x, PRECISE: tl.constexpr):
+    """tanh in float32: sign(x) * t / (t + 2) with t = expm1(2|x|); exactly +-1 for |x| > 10."""
+    if PRECISE:
+        return libdevice.tanh(x)
+    else:
+        a = tl.abs(x)
+        t = expm1(tl.minimum(2.0 * a, 20.0), PRECISE)
+        r = t / (t + 2.0)
+        r = tl.where(a > 10.0, 1.0, r)
+        return tl.where(x < 0.0, -r, r)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """float32 ``x`` rounded to nearest-even in ``DTYPE``.
+
+    bfloat16 is rounded by hand (the Triton interpreter truncates float32 -> bfloat16;
+    compiled kernels round to nearest even, so both now agree). NaN stays NaN.
+    """
+    if DTYPE == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = u + (0x7FFF + ((u >> 16) & 1))
+        return (u & 0xFFFF0000).to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(DTYPE)

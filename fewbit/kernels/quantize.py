@@ -1,0 +1,234 @@
+"""Per-group stochastic quantization in Triton, in the format of :mod:`fewbit.codecs.quantize`.
+
+One pass each way. ``quantize`` reads x once: each program takes whole groups, finds their
+min/max, rounds ``lo`` down (bfloat16, or float16 for float16 inputs) and ``scale`` up
+(bfloat16), draws ``c = floor((x - lo) / scale + u)`` and writes the packed codes and the
+4 bytes of metadata per group. ``dequantize`` reads the codes and metadata and writes
+``lo + c * scale``. Same float32 operations as the torch codec, so given the same uniform
+noise ``u`` (argument ``noise``) the packed bytes, lo and scale are identical; by default ``u``
+comes from Triton's Philox generator keyed by ``(seed, element index)``.
+
+Layout restriction: every group must start at a multiple of 8 elements (a packed-byte
+boundary): ``group_size % 8 == 0`` and, with several rows, ``row_len % 8 == 0``
+(:func:`supports`). Bytes per element: quantize ``s + bits/8 + 4/group_size``,
+dequantize ``bits/8 + 4/group_size + s`` (s = element size).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..codecs.bitpack import packed_nbytes
+from ..codecs.quantize import QuantizedTensor, check_group_size, check_quant_bits
+from .bitpack import byte_pad, pack_groups, unpack_groups
+from .fmath import round_to
+from .launch import FLOAT_DTYPES, NUM_WARPS, check_launchable, interpreting
+
+__all__ = ["dequantize", "quantize", "supports"]
+
+_GPU_ELEMENTS = 4096  # elements per program (whole groups)
+_INTERPRETER_ELEMENTS = 32768
+
+
+@triton.jit
+def _bf16_directed(v, UP: tl.constexpr):
+    """float32 -> nearest bfloat16 value at or above (UP) / below v, returned as float32."""
+    u = v.to(tl.uint32, bitcast=True)
+    inexact = (u & 0xFFFF) != 0
+    negative = (u >> 31) != 0
+    if UP:
+        away = inexact & ~negative
+    else:
+        away = inexact & negative
+    r = tl.where(away, (u & 0xFFFF0000) + 0x10000, u & 0xFFFF0000)
+    return tl.where(v != v, v, r.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _finite(v):
+    return (v == v) & (tl.abs(v) != float("inf"))
+
+
+@triton.jit
+def _tile(
+    pid, n_groups, groups_per_row, row_len, G: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr
+):
+    """Group ids [NG], element index [NG, GP] and validity of a program's tile."""
+    gi = pid * NG + tl.arange(0, NG)
+    row = gi // groups_per_row
+    col0 = (gi % groups_per_row) * G
+    j = tl.arange(0, GP)
+    elem = (row * row_len + col0)[:, None] + j[None, :]
+    valid = (j[None, :] < G) & ((col0[:, None] + j[None, :]) < row_len) & (gi < n_groups)[:, None]
+    return gi, elem, valid
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, noise_ptr, packed_ptr, lo_ptr, scale_ptr,
+    n_groups, groups_per_row, row_len, nbytes, seed,
+    BITS: tl.constexpr, P: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr,
+    LO_FP16: tl.constexpr, HAS_NOISE: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    gi, elem, valid = _tile(pid, n_groups, groups_per_row, row_len, G, NG, GP)
+    x = tl.load(x_ptr + elem, mask=valid, other=0.0).to(tl.float32)
+    levels: tl.constexpr = (1 << BITS) - 1
+    mn = tl.min(tl.where(valid, x, float("inf")), axis=1)
+    mx = tl.max(tl.where(valid, x, -float("inf")), axis=1)
+    nonfinite = tl.max(tl.where(valid & ~_finite(x), 1, 0), axis=1) != 0
+    if LO_FP16:  # float16 input: the minimum is a float16 value already
+        lo = mn
+    else:
+        lo = _bf16_directed(mn, False)
+    step = (tl.math.div_rn(mx, levels * 1.0) - tl.math.div_rn(lo, levels * 1.0)) * (1.0 + 2.0**-20)
+    scale = _bf16_directed(step, True)
+    bad = nonfinite | ~_finite(lo) | ~_finite(scale)
+    gmask = gi < n_groups
+    tl.store(lo_ptr + gi, tl.where(bad, float("nan"), lo).to(lo_ptr.dtype.element_ty), mask=gmask)
+    tl.store(scale_ptr + gi, tl.where(bad, float("nan"), scale).to(tl.bfloat16), mask=gmask)
+    lo = tl.where(bad, 0.0, lo)
+    scale = tl.where(bad, 0.0, scale)
+    safe = tl.where(scale > 0, scale, 1.0)
+    v = tl.math.div_rn(x - lo[:, None], safe[:, None])
+    v = tl.where(v != v, 0.0, v)
+    if HAS_NOISE:
+        u = tl.load(noise_ptr + elem, mask=valid, other=0.0)
+    else:
+        u = tl.rand(seed, elem.to(tl.uint32))
+    code = tl.minimum(tl.maximum(tl.floor(v + u), 0.0), levels * 1.0).to(tl.int32)
+    code = tl.where(valid, code, 0)
+    # pack: the tile's rows of GP codes are GP // 8 consecutive groups of 8
+    code8 = tl.reshape(code, (NG * GP // 8, 8))
+    first = tl.reshape(elem, (NG * GP // 8, 8))
+    ok8 = tl.max(tl.reshape(valid.to(tl.int32), (NG * GP // 8, 8)), axis=1) != 0
+    start = tl.min(first, axis=1)  # a multiple of 8 by the layout restriction
+    k = tl.arange(0, P)
+    offs = (start // 8 * BITS)[:, None] + k[None, :]
+    mask = ok8[:, None] & (k[None, :] < BITS) & (offs < nbytes)
+    tl.store(packed_ptr + offs, pack_groups(code8, BITS, P).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _dequantize_kernel(
+    packed_ptr, lo_ptr, scale_ptr, out_ptr,
+    n_groups, groups_per_row, row_len, nbytes,
+    BITS: tl.constexpr, P: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    gi, elem, valid = _tile(pid, n_groups, groups_per_row, row_len, G, NG, GP)
+    first = tl.reshape(elem, (NG * GP // 8, 8))
+    start = tl.min(first, axis=1)
+    k = tl.arange(0, P)
+    offs = (start // 8 * BITS)[:, None] + k[None, :]
+    ok8 = tl.max(tl.reshape(valid.to(tl.int32), (NG * GP // 8, 8)), axis=1) != 0
+    byte = tl.load(
+        packed_ptr + offs, mask=ok8[:, None] & (k[None, :] < BITS) & (offs < nbytes), other=0
+    )
+    code = tl.reshape(unpack_groups(byte, BITS, P), (NG, GP)).to(tl.float32)
+    gmask = gi < n_groups
+    lo = tl.load(lo_ptr + gi, mask=gmask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + gi, mask=gmask, other=0.0).to(tl.float32)
+    out = lo[:, None] + code * scale[:, None]  # code * scale is exact (8 + 8 bits)
+    tl.store(out_ptr + elem, round_to(out, out_ptr.dtype.element_ty), mask=valid)
+
+
+def _layout(shape: Sequence[int], group_size: int, per_sample: bool) -> tuple[int, int, int]:
+    """(rows, row_len, groups_per_row) as in fewbit.codecs.quantize."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    if numel == 0:
+        return 0, 0, 0
+    rows = int(shape[0]) if per_sample and len(shape) >= 2 else 1
+    row_len = numel // rows
+    return rows, row_len, -(-row_len // group_size)
+
+
+def supports(shape: Sequence[int], group_size: int, per_sample: bool = True) -> bool:
+    """True when every group starts on a packed-byte boundary (see the module docstring)."""
+    rows, row_len, _ = _layout(shape, group_size, per_sample)
+    return group_size % 8 == 0 and (rows <= 1 or row_len % 8 == 0) and group_size <= 65536
+
+
+def _config(group_size: int) -> tuple[int, int]:
+    """(GP, NG): the group padded to a power of two, groups per program."""
+    gp = max(8, triton.next_power_of_2(group_size))
+    per_program = _INTERPRETER_ELEMENTS if interpreting() else _GPU_ELEMENTS
+    return gp, max(1, per_program // gp)
+
+
+def quantize(
+    x: Tensor,
+    bits: int,
+    group_size: int = 256,
+    *,
+    per_sample: bool = True,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> QuantizedTensor:
+    """Triton version of :func:`fewbit.codecs.quantize.quantize` (same format).
+
+    Noise: ``noise`` (float32 in [0, 1), one per element in row-major order) if given, else
+    Philox with ``seed`` (drawn from ``generator`` or torch's global RNG when None).
+    Stores ``ceil(numel*bits/8) + 4*n_groups`` bytes.
+    """
+    if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
+        raise TypeError("x must be a float32, float16 or bfloat16 tensor for the kernel")
+    check_quant_bits(bits)
+    check_group_size(group_size)
+    check_launchable(x, "x")
+    if not supports(x.shape, group_size, per_sample):
+        raise ValueError(
+            f"group_size={group_size} with shape {tuple(x.shape)}: groups must start at multiples "
+            "of 8 elements for the kernel; use fewbit.codecs.quantize"
+        )
+    rows, row_len, gpr = _layout(x.shape, group_size, per_sample)
+    n_groups = rows * gpr
+    flat = x.detach().reshape(-1).contiguous()
+    n = flat.numel()
+    nbytes = packed_nbytes(n, bits)
+    lo_dtype = torch.float16 if x.dtype == torch.float16 else torch.bfloat16
+    packed = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+    lo = torch.empty(n_groups, dtype=lo_dtype, device=x.device)
+    scale = torch.empty(n_groups, dtype=torch.bfloat16, device=x.device)
+    if noise is not None:
+        if noise.numel() != n:
+            raise ValueError(f"noise must have {n} elements, got {noise.numel()}")
+        noise = noise.detach().reshape(-1).to(device=x.device, dtype=torch.float32).contiguous()
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+    if n_groups:
+        gp, ng = _config(group_size)
+        _quantize_kernel[(triton.cdiv(n_groups, ng),)](
+            flat, noise if noise is not None else flat, packed, lo, scale,
+            n_groups, gpr, row_len, nbytes, seed,
+            BITS=bits, P=byte_pad(bits), G=group_size, NG=ng, GP=gp,
+            LO_FP16=lo_dtype == torch.float16, HAS_NOISE=noise is not None, num_warps=NUM_WARPS,
+        )  # fmt: skip
+    return QuantizedTensor(packed, lo, scale, x.shape, x.dtype, bits, group_size, per_sample)
+
+
+def dequantize(q: QuantizedTensor) -> Tensor:
+    """Triton version of :func:`fewbit.codecs.quantize.dequantize`: ``lo + code * scale``."""
+    check_launchable(q.packed, "q.packed")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"the kernel dequantizes to float32/float16/bfloat16, not {q.dtype}")
+    if not supports(q.shape, q.group_size, q.per_sample):
+        raise ValueError("unsupported layout for the kernel; use fewbit.codecs.quantize")
+    rows, row_len, gpr = _layout(q.shape, q.group_size, q.per_sample)
+    n_groups = rows * gpr
+    out = torch.empty(rows * row_len, dtype=q.dtype, device=q.packed.device)
+    if n_groups:
+        gp, ng = _config(q.group_size)
+        _dequantize_kernel[(triton.cdiv(n_groups, ng),)](
+            q.packed, q.lo, q.scale, out, n_groups, gpr, row_len, q.packed.numel(),
+            BITS=q.bits, P=byte_pad(q.bits), G=q.group_size, NG=ng, GP=gp, num_warps=NUM_WARPS,
+        )  # fmt: skip
+    return out.reshape(q.shape)

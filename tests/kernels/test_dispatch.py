@@ -1,0 +1,74 @@
+"""The activation dispatch: the Triton path (run by the interpreter on CPU) stores the same
+packed codes as the PyTorch path and gives the same gradients."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import fewbit.functional as FB
+from fewbit import kernels
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"
+)
+
+CASES = [
+    ("relu", {}),
+    ("leaky_relu", {"negative_slope": 0.3}),
+    ("threshold", {"threshold": 0.3, "value": -1.0}),
+    ("hardsigmoid", {}),
+    ("hardtanh", {"min_val": -0.3, "max_val": 0.7}),
+    ("relu6", {}),
+    ("hardshrink", {"lambd": 0.3}),
+    ("softshrink", {"lambd": 0.3}),
+    ("gelu", {}),
+    ("gelu", {"approximate": "tanh"}),
+    ("silu", {}),
+    ("tanh", {}),
+    ("elu", {"alpha": 2.0}),
+    ("softplus", {"beta": 2.0}),
+]
+MASKS = {"relu", "leaky_relu", "threshold", "hardsigmoid", "hardtanh", "relu6"}
+MASKS |= {"hardshrink", "softshrink"}
+
+
+def _run(name: str, kwargs: dict, x: torch.Tensor, g: torch.Tensor):
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    xr = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = getattr(FB, name)(xr, **kwargs)
+    (gx,) = torch.autograd.grad(y, xr, g)
+    return y.detach(), saved[0], gx
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernel_path_matches_torch_path(
+    name: str, kwargs: dict, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = (torch.randn(3001) * 3).to(dtype)
+    g = torch.randn(3001).to(dtype)
+    y_ref, packed_ref, g_ref = _run(name, kwargs, x, g)
+    monkeypatch.setattr(kernels, "available", lambda t: True)
+    y, packed, gx = _run(name, kwargs, x, g)
+    assert torch.equal(packed, packed_ref)  # bit-identical codes and packing layout
+    assert torch.equal(gx, g_ref)  # same levels, one float32 product rounded once
+    if name in MASKS:
+        assert torch.equal(y, y_ref)
+    else:
+        # fp32 math inside the kernel vs torch's own: a few ulp of the output dtype
+        ulp = torch.finfo(dtype).eps * y_ref.abs().clamp_min(1.0)
+        assert ((y.float() - y_ref.float()).abs() <= 4 * ulp.float()).all()
+
+
+def test_disable_env_var_forces_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEWBIT_DISABLE_TRITON", "1")
+    assert not kernels.available(torch.device("cuda"))
