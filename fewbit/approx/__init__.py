@@ -6,7 +6,7 @@ for others. ``python -m fewbit.approx`` regenerates the shipped data file.
 """
 
 from .functions import CONTINUOUS, ActivationDef, get_definition, normalize_params
-from .store import get_table
+from .store import get_table, weighted_rms_error
 from .table import Table
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "get_definition",
     "get_table",
     "normalize_params",
+    "weighted_rms_error",
 ]
