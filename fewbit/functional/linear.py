@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import kernels
 from ..codecs.marks import mark_compact
 from ..codecs.sketch import (
     DENSE_SKETCHES,
@@ -30,12 +31,39 @@ from ..codecs.sketch import (
 __all__ = ["linear_crs", "linear_grp", "linear_randomized"]
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _use_kernel(x: Tensor, matmul: str) -> bool:
+    """Automatic dispatch: the Triton sketch for CUDA float32/float16/bfloat16 inputs when
+    :func:`fewbit.kernels.available`; everything else uses the torch generators."""
+    return matmul in DENSE_SKETCHES and x.dtype in _KERNEL_DTYPES and kernels.available(x)
+
+
+def _project(x: Tensor, k: int, seed: int, kind: str, chunk: int, use_kernel: bool) -> Tensor:
+    """Unscaled ``R^T x`` (``k x f``; float32 for half inputs, else ``x.dtype``) for the dense
+    random matrix ``R`` of ``kind`` regenerated from ``seed``: by the Triton kernel
+    (Philox, :mod:`fewbit.kernels.sketch`; ``chunk`` unused) when ``use_kernel``, else by
+    :func:`fewbit.codecs.sketch.project`. The two paths draw different matrices; each
+    gives the same ``R`` for the same arguments."""
+    if not use_kernel:
+        return project(x, k, seed, kind, chunk)
+    from ..kernels.sketch import project as kernel_project
+
+    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return kernel_project(x, k, seed, kind, 1.0, work)
+
+
 def _grad_bias(grad: Tensor) -> Tensor:
     return grad.reshape(-1, grad.shape[-1]).sum(0)
 
 
 class _RandomizedLinear(torch.autograd.Function):
-    """Exact forward; saves ``S^T X`` (k rows) or ``X`` itself when ``k >= N``."""
+    """Exact forward; saves ``S^T X`` (k rows) or ``X`` itself when ``k >= N``.
+
+    ``use_kernel``: dense sketches by the Triton kernel (True), the torch generators (False)
+    or automatically (None, :func:`_use_kernel`); the choice is kept in ``ctx`` so that
+    backward regenerates the same matrix."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -46,12 +74,14 @@ class _RandomizedLinear(torch.autograd.Function):
         k: int,
         matmul: str,
         seed: int,
+        use_kernel: Optional[bool],
     ) -> Tensor:
         output = F.linear(input, weight, bias)
         x = input.reshape(-1, input.shape[-1])
         n = x.shape[0]
         ctx.mode = "none"
         ctx.k, ctx.matmul, ctx.seed, ctx.chunk = k, matmul, seed, 1
+        ctx.kernel = _use_kernel(x, matmul) if use_kernel is None else bool(use_kernel)
         saved: list[Optional[Tensor]] = [weight, None]
         if weight.requires_grad:
             if k >= n:
@@ -60,7 +90,7 @@ class _RandomizedLinear(torch.autograd.Function):
             elif matmul in DENSE_SKETCHES:
                 ctx.mode = "dense"
                 ctx.chunk = chunk_rows(n, k, x.shape[1])
-                sketch = project(x, k, seed, matmul, ctx.chunk).div_(k)
+                sketch = _project(x, k, seed, matmul, ctx.chunk, ctx.kernel).div_(k)
                 saved[1] = mark_compact(sketch.to(x.dtype))
             else:
                 ctx.mode = "sampling"
@@ -81,13 +111,13 @@ class _RandomizedLinear(torch.autograd.Function):
             if ctx.mode == "exact":
                 grad_weight = g.t().matmul(stored)
             elif ctx.mode == "dense":
-                g_sketch = project(g, ctx.k, ctx.seed, ctx.matmul, ctx.chunk)
+                g_sketch = _project(g, ctx.k, ctx.seed, ctx.matmul, ctx.chunk, ctx.kernel)
                 grad_weight = g_sketch.t().matmul(stored.to(g_sketch.dtype)).to(stored.dtype)
             else:
                 grad_weight = g[rest[0]].t().matmul(stored)
         if ctx.needs_input_grad[2]:
             grad_bias = _grad_bias(grad_output)
-        return grad_input, grad_weight, grad_bias, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -106,8 +136,13 @@ def _autocast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor
 
 
-def _apply(function: type[torch.autograd.Function], input: Tensor, weight: Tensor,
-           bias: Optional[Tensor], *args: Any) -> Tensor:
+def _apply(
+    function: type[torch.autograd.Function],
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    *args: Any,
+) -> Tensor:
     """Run ``function`` like ``F.linear`` runs under autocast: inputs cast to the autocast
     dtype, then the function itself with autocast disabled."""
     if input.dim() < 1:
@@ -145,6 +180,10 @@ def linear_randomized(
     at a time with ``k * c <= max(k, N * in_features)``, i.e. one block never larger than the
     input, plus a ``k x in_features`` accumulator (float32 for half inputs, which also get a
     float32 copy of one ``c``-row input chunk); backward does the same with ``out_features``.
+    CUDA float32/float16/bfloat16 inputs use the Triton kernel of
+    :mod:`fewbit.kernels.sketch` instead when :func:`fewbit.kernels.available` (not with
+    ``FEWBIT_DISABLE_TRITON=1``): ``R`` comes from Philox in registers, so the only extra
+    memory is the float32 ``k x in_features`` (backward: ``k x out_features``) result.
     ``'sampling'`` needs O(N) for the row probabilities. See :mod:`fewbit.codecs.sketch`
     for the variance of each ``matmul``.
     """
@@ -153,7 +192,15 @@ def linear_randomized(
     seed = draw_seed(generator)
     n = input.numel() // max(input.shape[-1], 1) if input.dim() > 0 else 1
     k = sketch_dim(n, proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max)
-    return _apply(_RandomizedLinear, input, weight, bias, k, matmul, seed)
+    return _linear_sketched(input, weight, bias, k, matmul, seed)
+
+
+def _linear_sketched(input: Tensor, weight: Tensor, bias: Optional[Tensor], k: int,
+                     matmul: str, seed: int, use_kernel: Optional[bool] = None) -> Tensor:
+    """:func:`linear_randomized` with the sketch size ``k``, the ``seed`` and the path given
+    (``use_kernel``: True = Triton, False = torch, None = automatic). Test hook: with
+    ``TRITON_INTERPRET=1``, ``use_kernel=True`` runs the kernel path on CPU tensors."""
+    return _apply(_RandomizedLinear, input, weight, bias, k, matmul, seed, use_kernel)
 
 
 def linear_grp(
@@ -169,8 +216,9 @@ def linear_grp(
 ) -> Tensor:
     """Published positional order (``proj_dim_max`` before ``proj_dim_min``) of
     :func:`linear_randomized`."""
-    return linear_randomized(input, weight, bias, proj_dim_ratio, proj_dim, proj_dim_min,
-                             proj_dim_max, matmul, generator)
+    return linear_randomized(
+        input, weight, bias, proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, matmul, generator
+    )
 
 
 class _ColumnRowLinear(torch.autograd.Function):

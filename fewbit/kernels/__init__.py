@@ -21,6 +21,7 @@ __all__ = [
     "available",
     "has_triton",
     "pack",
+    "sketch_project",
     "unpack",
 ]
 
@@ -74,3 +75,17 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     from .bitpack import unpack as impl
 
     return impl(packed, bits, n)
+
+
+def sketch_project(
+    x: Tensor,
+    k: int,
+    seed: int,
+    kind: str = "gaussian",
+    scale: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``scale * S^T x`` with a Philox random ``S`` made in registers; see :mod:`.sketch`."""
+    from .sketch import project as impl
+
+    return impl(x, k, seed, kind, scale, out_dtype)

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import fmath
 from .launch import FLOAT_DTYPES, check_launchable, interpreting
 
 __all__ = ["KINDS", "project"]
@@ -85,7 +86,8 @@ def _project_kernel(
     out = acc * scale
     out_mask = (cols_k[:, None] < k) & (cols_d[None, :] < d)
     out_offs = cols_k[:, None].to(tl.int64) * d + cols_d[None, :]
-    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    # Round to nearest even (by hand for bfloat16: the interpreter would truncate).
+    tl.store(out_ptr + out_offs, fmath.round_to(out, out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _block(limit: int, size: int) -> int:
