@@ -6,7 +6,7 @@ quantizations instead of full tensors. Swap ``torch.nn`` for ``fewbit``, or
 convert a model in place with :func:`fewbit.convert`.
 """
 
-from . import approx, codecs, functional, levels, models, modules, util
+from . import approx, codecs, functional, levels, models, modules, profile, util
 from .compress import SavedTensorCompressor, compress
 from .convert import ConversionReport, conversion_report, convert
 from .levels import CompressionConfig, QModule, convert_compressed, set_optimization_level
@@ -59,6 +59,7 @@ from .modules.compressed import (
     SavedBytesMeter,
 )
 from .modules.linear import LinearCRS, LinearGRP, RandomizedConv1D, RandomizedLinear
+from .profile import StepProfile, profile_step, saved_bytes
 
 __version__ = "0.1.0"
 
@@ -123,6 +124,10 @@ __all__ = [
     "RandomizedConv1D",
     "RandomizedLinear",
     "util",
+    "StepProfile",
+    "profile",
+    "profile_step",
+    "saved_bytes",
     "approx",
     "codecs",
     "functional",

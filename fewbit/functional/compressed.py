@@ -58,8 +58,9 @@ __all__ = [
 IntOrTuple = Union[int, Sequence[int]]
 
 
-def _tuple(value: Optional[IntOrTuple], dims: int, name: str, default: Optional[IntOrTuple] = None
-           ) -> Tuple[int, ...]:
+def _tuple(
+    value: Optional[IntOrTuple], dims: int, name: str, default: Optional[IntOrTuple] = None
+) -> Tuple[int, ...]:
     """``value`` as a ``dims``-tuple of ints (an int is repeated)."""
     if value is None or (isinstance(value, (tuple, list)) and len(value) == 0):
         if default is None:
@@ -82,8 +83,9 @@ class _Dropout(torch.autograd.Function):
     """``x * mask / (1 - p)``; saves the mask packed at 1 bit per element."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, p: float, inplace: bool,
-                generator: Optional[torch.Generator]) -> Tensor:
+    def forward(
+        ctx: FunctionCtx, x: Tensor, p: float, inplace: bool, generator: Optional[torch.Generator]
+    ) -> Tensor:
         # Same draws and arithmetic as torch's non-fused dropout: noise = bernoulli(1-p)/(1-p).
         noise = torch.empty_like(x, memory_format=torch.contiguous_format)
         noise.bernoulli_(1 - p, generator=generator)
@@ -107,8 +109,14 @@ class _Dropout(torch.autograd.Function):
         return grad * noise, None, None, None
 
 
-def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
-            generator: Optional[torch.Generator] = None) -> Tensor:
+def dropout(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
     """Drop-in ``F.dropout`` saving a 1-bit mask (``ceil(n/8)`` bytes) for backward.
 
     Output ``x * mask / (1 - p)`` with ``mask ~ Bernoulli(1 - p)``; identity when not
@@ -144,9 +152,14 @@ def _grid(out_shape: Sequence[int], dims: int, d: int, device: torch.device) -> 
     return torch.arange(size, device=device).view(view)
 
 
-def _encode_offsets(idx: Tensor, in_spatial: Sequence[int], kernel: Sequence[int],
-                    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
-                    ) -> Tensor:
+def _encode_offsets(
+    idx: Tensor,
+    in_spatial: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
     """Flat input indices (int64, output shape) -> position inside the window (int64)."""
     dims = len(kernel)
     code = torch.zeros_like(idx)
@@ -161,9 +174,14 @@ def _encode_offsets(idx: Tensor, in_spatial: Sequence[int], kernel: Sequence[int
     return code
 
 
-def _decode_offsets(code: Tensor, in_spatial: Sequence[int], kernel: Sequence[int],
-                    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
-                    ) -> Tensor:
+def _decode_offsets(
+    code: Tensor,
+    in_spatial: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
     """Inverse of :func:`_encode_offsets`."""
     dims = len(kernel)
     idx = torch.zeros_like(code)
@@ -210,9 +228,16 @@ class _MaxPool(torch.autograd.Function):
     """Max pooling that saves bit-packed in-window argmax offsets (see module docs)."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, dims: int, kernel: Tuple[int, ...],
-                stride: Tuple[int, ...], padding: Tuple[int, ...], dilation: Tuple[int, ...],
-                ceil_mode: bool) -> Tensor:
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        dims: int,
+        kernel: Tuple[int, ...],
+        stride: Tuple[int, ...],
+        padding: Tuple[int, ...],
+        dilation: Tuple[int, ...],
+        ceil_mode: bool,
+    ) -> Tensor:
         # 1-d pooling runs as 2-d pooling over a unit height, as torch itself does.
         op_dims = 2 if dims == 1 else dims
         xin = x.unsqueeze(-2) if dims == 1 else x
@@ -240,8 +265,11 @@ class _MaxPool(torch.autograd.Function):
         in_spatial = tuple(ctx.in_shape[-op_dims:])
         idx = _decode_offsets(code, in_spatial, k, s, p, d)
         g = grad.unsqueeze(-2) if ctx.squeeze else grad
-        fmt = torch.channels_last if ctx.channels_last and op_dims == 2 else (
-            torch.channels_last_3d if ctx.channels_last else torch.contiguous_format)
+        fmt = (
+            torch.channels_last
+            if ctx.channels_last and op_dims == 2
+            else (torch.channels_last_3d if ctx.channels_last else torch.contiguous_format)
+        )
         # torch's backward reads only the shape and memory format of ``self``.
         like = torch.empty(ctx.in_shape, dtype=grad.dtype, device=grad.device, memory_format=fmt)
         gi = _MAXPOOL_BWD[op_dims](g, like, k, s, p, d, ceil_mode, idx)
@@ -261,16 +289,31 @@ def _channels_last(x: Tensor) -> bool:
 _TORCH_MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
-def _max_pool(dims: int, input: Tensor, kernel_size: IntOrTuple, stride: Optional[IntOrTuple],
-              padding: IntOrTuple, dilation: IntOrTuple, ceil_mode: bool,
-              return_indices: bool) -> Any:
+def _max_pool(
+    dims: int,
+    input: Tensor,
+    kernel_size: IntOrTuple,
+    stride: Optional[IntOrTuple],
+    padding: IntOrTuple,
+    dilation: IntOrTuple,
+    ceil_mode: bool,
+    return_indices: bool,
+) -> Any:
     if return_indices or not input.requires_grad or not torch.is_grad_enabled():
         # Nothing to save (or int64 indices returned anyway): torch's own op.
-        return _TORCH_MAXPOOL[dims](input, kernel_size, stride, padding, dilation,
-                                    ceil_mode=ceil_mode, return_indices=return_indices)
+        return _TORCH_MAXPOOL[dims](
+            input,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            ceil_mode=ceil_mode,
+            return_indices=return_indices,
+        )
     if input.dim() not in (dims + 1, dims + 2):
         raise ValueError(
-            f"input must be {dims + 1}-D or {dims + 2}-D for max_pool{dims}d, got {input.dim()}-D")
+            f"input must be {dims + 1}-D or {dims + 2}-D for max_pool{dims}d, got {input.dim()}-D"
+        )
     k = _tuple(kernel_size, dims, "kernel_size")
     s = _tuple(stride, dims, "stride", default=k)
     p = _tuple(padding, dims, "padding")
@@ -278,23 +321,41 @@ def _max_pool(dims: int, input: Tensor, kernel_size: IntOrTuple, stride: Optiona
     return _MaxPool.apply(input, dims, k, s, p, d, bool(ceil_mode))
 
 
-def max_pool1d(input: Tensor, kernel_size: IntOrTuple, stride: Optional[IntOrTuple] = None,
-               padding: IntOrTuple = 0, dilation: IntOrTuple = 1, ceil_mode: bool = False,
-               return_indices: bool = False) -> Any:
+def max_pool1d(
+    input: Tensor,
+    kernel_size: IntOrTuple,
+    stride: Optional[IntOrTuple] = None,
+    padding: IntOrTuple = 0,
+    dilation: IntOrTuple = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> Any:
     """``F.max_pool1d`` saving ``ceil(log2(kernel_size))``-bit argmax offsets per output."""
     return _max_pool(1, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
 
-def max_pool2d(input: Tensor, kernel_size: IntOrTuple, stride: Optional[IntOrTuple] = None,
-               padding: IntOrTuple = 0, dilation: IntOrTuple = 1, ceil_mode: bool = False,
-               return_indices: bool = False) -> Any:
+def max_pool2d(
+    input: Tensor,
+    kernel_size: IntOrTuple,
+    stride: Optional[IntOrTuple] = None,
+    padding: IntOrTuple = 0,
+    dilation: IntOrTuple = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> Any:
     """``F.max_pool2d`` saving ``ceil(log2(kh*kw))``-bit argmax offsets per output."""
     return _max_pool(2, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
 
-def max_pool3d(input: Tensor, kernel_size: IntOrTuple, stride: Optional[IntOrTuple] = None,
-               padding: IntOrTuple = 0, dilation: IntOrTuple = 1, ceil_mode: bool = False,
-               return_indices: bool = False) -> Any:
+def max_pool3d(
+    input: Tensor,
+    kernel_size: IntOrTuple,
+    stride: Optional[IntOrTuple] = None,
+    padding: IntOrTuple = 0,
+    dilation: IntOrTuple = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> Any:
     """``F.max_pool3d`` saving ``ceil(log2(kd*kh*kw))``-bit argmax offsets per output."""
     return _max_pool(3, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
@@ -311,11 +372,13 @@ class _AvgPool(torch.autograd.Function):
         if dims == 1:
             out = F.avg_pool1d(x, kernel, stride, padding, ceil_mode, count_include_pad)
         elif dims == 2:
-            out = F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad,
-                               divisor_override)
+            out = F.avg_pool2d(
+                x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override
+            )
         else:
-            out = F.avg_pool3d(x, kernel, stride, padding, ceil_mode, count_include_pad,
-                               divisor_override)
+            out = F.avg_pool3d(
+                x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override
+            )
         ctx.dims = dims  # type: ignore[attr-defined]
         ctx.args = args  # type: ignore[attr-defined]
         ctx.in_shape = x.shape  # type: ignore[attr-defined]
@@ -333,26 +396,44 @@ class _AvgPool(torch.autograd.Function):
             shape = ctx.in_shape[:-1] + (1, ctx.in_shape[-1])
             like = torch.empty(shape, dtype=grad.dtype, device=grad.device)
             gi = torch.ops.aten.avg_pool2d_backward(
-                grad.unsqueeze(-2), like, (1,) + kernel, (1,) + stride, (0,) + padding,
-                ceil_mode, count_include_pad, None)
+                grad.unsqueeze(-2),
+                like,
+                (1,) + kernel,
+                (1,) + stride,
+                (0,) + padding,
+                ceil_mode,
+                count_include_pad,
+                None,
+            )
             return gi.squeeze(-2), None, None
         like = torch.empty(ctx.in_shape, dtype=grad.dtype, device=grad.device, memory_format=fmt)
-        op = (torch.ops.aten.avg_pool2d_backward if ctx.dims == 2
-              else torch.ops.aten.avg_pool3d_backward)
-        gi = op(grad, like, kernel, stride, padding, ceil_mode, count_include_pad,
-                divisor_override)
+        op = (
+            torch.ops.aten.avg_pool2d_backward
+            if ctx.dims == 2
+            else torch.ops.aten.avg_pool3d_backward
+        )
+        gi = op(grad, like, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
         return gi, None, None
 
 
-def _avg_pool(dims: int, input: Tensor, kernel_size: IntOrTuple, stride: Optional[IntOrTuple],
-              padding: IntOrTuple, ceil_mode: bool, count_include_pad: bool,
-              divisor_override: Optional[int]) -> Tensor:
+def _avg_pool(
+    dims: int,
+    input: Tensor,
+    kernel_size: IntOrTuple,
+    stride: Optional[IntOrTuple],
+    padding: IntOrTuple,
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: Optional[int],
+) -> Tensor:
     if not input.requires_grad or not torch.is_grad_enabled():
-        return _TORCH_AVGPOOL[dims](input, kernel_size, stride, padding, ceil_mode,
-                                    count_include_pad, divisor_override)
+        return _TORCH_AVGPOOL[dims](
+            input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+        )
     if input.dim() not in (dims + 1, dims + 2):
         raise ValueError(
-            f"input must be {dims + 1}-D or {dims + 2}-D for avg_pool{dims}d, got {input.dim()}-D")
+            f"input must be {dims + 1}-D or {dims + 2}-D for avg_pool{dims}d, got {input.dim()}-D"
+        )
     k = _tuple(kernel_size, dims, "kernel_size")
     s = _tuple(stride, dims, "stride", default=k)
     p = _tuple(padding, dims, "padding")
@@ -360,36 +441,61 @@ def _avg_pool(dims: int, input: Tensor, kernel_size: IntOrTuple, stride: Optiona
     return _AvgPool.apply(input, dims, args)
 
 
-def _avg_pool1d_torch(input: Tensor, kernel_size: IntOrTuple, stride: Optional[IntOrTuple],
-                      padding: IntOrTuple, ceil_mode: bool, count_include_pad: bool,
-                      divisor_override: Optional[int]) -> Tensor:
+def _avg_pool1d_torch(
+    input: Tensor,
+    kernel_size: IntOrTuple,
+    stride: Optional[IntOrTuple],
+    padding: IntOrTuple,
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: Optional[int],
+) -> Tensor:
     return F.avg_pool1d(input, kernel_size, stride, padding, ceil_mode, count_include_pad)
 
 
 _TORCH_AVGPOOL = {1: _avg_pool1d_torch, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
-def avg_pool1d(input: Tensor, kernel_size: IntOrTuple, stride: Optional[IntOrTuple] = None,
-               padding: IntOrTuple = 0, ceil_mode: bool = False,
-               count_include_pad: bool = True) -> Tensor:
+def avg_pool1d(
+    input: Tensor,
+    kernel_size: IntOrTuple,
+    stride: Optional[IntOrTuple] = None,
+    padding: IntOrTuple = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> Tensor:
     """``F.avg_pool1d`` that saves nothing for backward (torch keeps the input)."""
     return _avg_pool(1, input, kernel_size, stride, padding, ceil_mode, count_include_pad, None)
 
 
-def avg_pool2d(input: Tensor, kernel_size: IntOrTuple, stride: Optional[IntOrTuple] = None,
-               padding: IntOrTuple = 0, ceil_mode: bool = False, count_include_pad: bool = True,
-               divisor_override: Optional[int] = None) -> Tensor:
+def avg_pool2d(
+    input: Tensor,
+    kernel_size: IntOrTuple,
+    stride: Optional[IntOrTuple] = None,
+    padding: IntOrTuple = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: Optional[int] = None,
+) -> Tensor:
     """``F.avg_pool2d`` that saves nothing for backward (torch keeps the input)."""
-    return _avg_pool(2, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                     divisor_override)
+    return _avg_pool(
+        2, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+    )
 
 
-def avg_pool3d(input: Tensor, kernel_size: IntOrTuple, stride: Optional[IntOrTuple] = None,
-               padding: IntOrTuple = 0, ceil_mode: bool = False, count_include_pad: bool = True,
-               divisor_override: Optional[int] = None) -> Tensor:
+def avg_pool3d(
+    input: Tensor,
+    kernel_size: IntOrTuple,
+    stride: Optional[IntOrTuple] = None,
+    padding: IntOrTuple = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: Optional[int] = None,
+) -> Tensor:
     """``F.avg_pool3d`` that saves nothing for backward (torch keeps the input)."""
-    return _avg_pool(3, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                     divisor_override)
+    return _avg_pool(
+        3, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+    )
 
 
 # --- attention ----------------------------------------------------------------------------------
@@ -405,7 +511,7 @@ def _save_quantized(qs: Sequence[QuantizedTensor]) -> List[Tensor]:
 def _load_quantized(saved: Sequence[Tensor], metas: Sequence[Tuple[Any, ...]]) -> List[Tensor]:
     out = []
     for i, (shape, dtype, bits, group_size) in enumerate(metas):
-        packed, lo, scale = saved[3 * i: 3 * i + 3]
+        packed, lo, scale = saved[3 * i : 3 * i + 3]
         out.append(dequantize(QuantizedTensor(packed, lo, scale, shape, dtype, bits, group_size)))
     return out
 
@@ -418,9 +524,18 @@ class _Attention(torch.autograd.Function):
     """softmax(q k^T * scale + mask) [dropout] @ v with q, k, v and P saved quantized."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
-                dropout_p: float, scale: float, bits: int, group_size: int,
-                generator: Optional[torch.Generator]) -> Tensor:
+    def forward(
+        ctx: FunctionCtx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: Optional[Tensor],
+        dropout_p: float,
+        scale: float,
+        bits: int,
+        group_size: int,
+        generator: Optional[torch.Generator],
+    ) -> Tensor:
         root = math.sqrt(scale)  # scale both operands, as torch's math backend does
         s = torch.matmul(q * root, (k * root).transpose(-2, -1))
         if bias is not None:
@@ -438,8 +553,9 @@ class _Attention(torch.autograd.Function):
             pd = p * keep.div_(1 - dropout_p)
             del keep
         out = torch.matmul(pd, v)
-        quant = [quantize(t, bits, group_size, generator=_gen_for(generator, t))
-                 for t in (q, k, v, p)]
+        quant = [
+            quantize(t, bits, group_size, generator=_gen_for(generator, t)) for t in (q, k, v, p)
+        ]
         ctx.metas = [_meta(x) for x in quant]  # type: ignore[attr-defined]
         ctx.dropout_p = dropout_p  # type: ignore[attr-defined]
         ctx.scale = scale  # type: ignore[attr-defined]
@@ -480,8 +596,9 @@ def _gen_for(generator: Optional[torch.Generator], t: Tensor) -> Optional[torch.
     return generator if generator is not None and generator.device.type == t.device.type else None
 
 
-def _attention_bias(attn_mask: Optional[Tensor], is_causal: bool, q: Tensor, k: Tensor
-                    ) -> Optional[Tensor]:
+def _attention_bias(
+    attn_mask: Optional[Tensor], is_causal: bool, q: Tensor, k: Tensor
+) -> Optional[Tensor]:
     """Additive float bias from a boolean/float mask and ``is_causal`` (as torch defines them)."""
     bias: Optional[Tensor] = None
     if is_causal:
@@ -525,11 +642,13 @@ def scaled_dot_product_attention(
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
     needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (query, key, value, attn_mask) if t is not None)
+        t.requires_grad for t in (query, key, value, attn_mask) if t is not None
+    )
     if not needs_grad:
         kwargs = {"enable_gqa": True} if enable_gqa else {}
-        return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
-                                              is_causal, scale=scale, **kwargs)
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs
+        )
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
@@ -542,5 +661,6 @@ def scaled_dot_product_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(query.size(-1))
     bias = _attention_bias(attn_mask, is_causal, query, key)
-    return _Attention.apply(query, key, value, bias, float(dropout_p), float(scale), bits,
-                            group_size, generator)
+    return _Attention.apply(
+        query, key, value, bias, float(dropout_p), float(scale), bits, group_size, generator
+    )
