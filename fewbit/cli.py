@@ -27,13 +27,22 @@ def _default_device() -> str:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "--preset", dest="model", default="roberta-small",
-                   help="preset name (roberta-small, roberta-base-mrpc, tiny) or path to a "
-                        "Hugging Face config JSON (default: roberta-small)")
+    p.add_argument(
+        "--model",
+        "--preset",
+        dest="model",
+        default="roberta-small",
+        help="preset name (roberta-small, roberta-base-mrpc, tiny) or path to a "
+        "Hugging Face config JSON (default: roberta-small)",
+    )
     p.add_argument("--batch", type=int, default=None, help="batch size (default: preset's)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: preset's)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="fp32, or bf16 autocast with fp32 weights (default: fp32)")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="fp32, or bf16 autocast with fp32 weights (default: fp32)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--steps", type=int, default=3, help="timed steps; median (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps (default: 1)")
@@ -46,19 +55,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmark configurations, one child process each")
     _add_model_args(bench)
-    bench.add_argument("--configs", default=None,
-                       help="comma-separated configurations (default: all; vanilla is always run)")
+    bench.add_argument(
+        "--configs",
+        default=None,
+        help="comma-separated configurations, or 'all' (default: vanilla, gelu3, "
+        "rand20, gelu3+rand20, L1, L2, compress2; vanilla is always run)",
+    )
     bench.add_argument("--plot", metavar="PATH", default=None, help="write a PNG chart")
     bench.add_argument("--timeout", type=float, default=None, help="seconds per configuration")
+    bench.add_argument(
+        "--rss",
+        action="store_true",
+        help="also measure each step's resident-memory peak (VmHWM) as an "
+        "independent check of the peak; slows the steps",
+    )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument("--list", action="store_true", help="list presets and configurations")
-    bench.add_argument("--convergence", action="store_true",
-                       help="train on scikit-learn digits instead; report test accuracy")
-    bench.add_argument("--conv-model", choices=["transformer", "mlp"], default="transformer",
-                       help="model for --convergence (default: transformer)")
+    bench.add_argument(
+        "--convergence",
+        action="store_true",
+        help="train on scikit-learn digits instead; report test accuracy",
+    )
+    bench.add_argument(
+        "--conv-model",
+        choices=["transformer", "mlp"],
+        default="transformer",
+        help="model for --convergence (default: transformer)",
+    )
     bench.add_argument("--epochs", type=int, default=20, help="epochs for --convergence")
-    bench.add_argument("--seeds", type=int, default=1,
-                       help="--convergence: average over this many seeds (default: 1)")
+    bench.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="--convergence: average over this many seeds (default: 1)",
+    )
     prof = sub.add_parser("profile", help="saved activations of one step, by op and module")
     _add_model_args(prof)
     prof.add_argument("--config", default="vanilla", help="configuration to apply first")
@@ -67,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_names(arg: Optional[str]) -> list[str]:
-    from fewbit.bench.configs import CONFIGS, get_config
+    from fewbit.bench.configs import CONFIGS, DEFAULT_CONFIGS, get_config
 
     if arg is None:
+        return list(DEFAULT_CONFIGS)
+    if arg == "all":
         return list(CONFIGS)
     names = [n.strip() for n in arg.split(",") if n.strip()]
     for n in names:
@@ -82,8 +114,9 @@ def _list() -> str:
     from fewbit.bench.models import PRESETS
 
     lines = ["presets:"]
-    lines += [f"  {n:<20} batch {s.batch:>3}  seq {s.seq:>4}  {s.description}"
-              for n, s in PRESETS.items()]
+    lines += [
+        f"  {n:<20} batch {s.batch:>3}  seq {s.seq:>4}  {s.description}" for n, s in PRESETS.items()
+    ]
     lines.append("configurations:")
     lines += [f"  {n:<20} {c.description}" for n, c in CONFIGS.items()]
     return "\n".join(lines)
@@ -100,19 +133,34 @@ def _bench(args: argparse.Namespace) -> int:
     if args.convergence:
         from fewbit.bench.convergence import format_convergence, run_convergence
 
-        result = run_convergence(configs, model=args.conv_model, epochs=args.epochs,
-                                 seed=args.seed, seeds=args.seeds,
-                                 progress=not args.no_progress)
+        result = run_convergence(
+            configs,
+            model=args.conv_model,
+            epochs=args.epochs,
+            seed=args.seed,
+            seeds=args.seeds,
+            progress=not args.no_progress,
+        )
         print(format_convergence(result))
         if args.plot:
             report.plot_convergence(result, args.plot)
     else:
         from fewbit.bench.memory import run_bench
 
-        result = run_bench(configs, model=args.model, batch=args.batch, seq=args.seq,
-                           dtype=args.dtype, device=args.device or _default_device(),
-                           steps=args.steps, warmup=args.warmup, seed=args.seed,
-                           progress=not args.no_progress, timeout_s=args.timeout)
+        result = run_bench(
+            configs,
+            model=args.model,
+            batch=args.batch,
+            seq=args.seq,
+            dtype=args.dtype,
+            device=args.device or _default_device(),
+            steps=args.steps,
+            warmup=args.warmup,
+            seed=args.seed,
+            progress=not args.no_progress,
+            timeout_s=args.timeout,
+            rss=args.rss,
+        )
         print(report.format_table(result))
         if args.plot:
             report.plot_memory(result, args.plot)
@@ -130,11 +178,17 @@ def _profile(args: argparse.Namespace) -> int:
 
     spec = resolve_spec(args.model, args.batch, args.seq)
     model = get_config(args.config).apply(build_model(spec, args.seed))
-    prof = profile_step(model, make_batch(spec, args.seed), steps=args.steps,
-                        warmup=args.warmup, device=args.device or _default_device(),
-                        amp_dtype=DTYPES[args.dtype])
-    print(f"model {spec.name}  batch {spec.batch}  seq {spec.seq}  {args.dtype}  "
-          f"config {args.config}")
+    prof = profile_step(
+        model,
+        make_batch(spec, args.seed),
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device or _default_device(),
+        amp_dtype=DTYPES[args.dtype],
+    )
+    print(
+        f"model {spec.name}  batch {spec.batch}  seq {spec.seq}  {args.dtype}  config {args.config}"
+    )
     print(prof.table(top=args.top))
     if args.json:
         prof.to_json(args.json)

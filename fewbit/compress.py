@@ -28,6 +28,7 @@ start copying on a side stream. On CPU tensors offload does nothing.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import weakref
 from contextlib import contextmanager
@@ -46,7 +47,14 @@ from .codecs.quantize import (
     quantize,
 )
 
-__all__ = ["CompressStats", "PrefetchSchedule", "SavedTensorCompressor", "compress"]
+__all__ = [
+    "CompressStats",
+    "PrefetchSchedule",
+    "SavedTensorCompressor",
+    "compress",
+    "observe_saved",
+    "report_saved",
+]
 
 
 @dataclass
@@ -142,6 +150,35 @@ def _storage_ptr(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+SavedObserver = Callable[[object, int], None]
+_OBSERVERS: contextvars.ContextVar[tuple[SavedObserver, ...]] = contextvars.ContextVar(
+    "fewbit_saved_observers", default=()
+)
+
+
+@contextmanager
+def observe_saved(callback: SavedObserver) -> Iterator[None]:
+    """Within the block, ``callback(kept, nbytes)`` is called for everything a fewbit pack
+    hook keeps for backward: the tensor itself when it passes through, or a compressed record
+    and its stored bytes. Saved-tensor hooks nest (the innermost wins), so an outer observer
+    such as the profiler cannot see what fewbit's own hooks keep without this. Scoped to the
+    current context (a ``contextvars`` variable), never global."""
+    token = _OBSERVERS.set(_OBSERVERS.get() + (callback,))
+    try:
+        yield
+    finally:
+        _OBSERVERS.reset(token)
+
+
+def report_saved(kept: object) -> None:
+    """Tell the active observers (:func:`observe_saved`) what a pack hook keeps."""
+    observers = _OBSERVERS.get()
+    if observers:
+        nbytes = SavedTensorCompressor.stored_nbytes(kept)
+        for callback in observers:
+            callback(kept, nbytes)
+
+
 class SavedTensorCompressor:
     """Pack/unpack hooks that quantize saved tensors to ``bits`` bits (see module docs).
 
@@ -187,14 +224,23 @@ class SavedTensorCompressor:
         """Pack hook: ``t`` itself if it passes through, else a quantized record."""
         if self._passes(t):
             self.stats.passed += 1
+            report_saved(t)
             return t
-        key = (_storage_ptr(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
-               t.device, t._version)
+        key = (
+            _storage_ptr(t),
+            t.storage_offset(),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+            t.device,
+            t._version,
+        )
         with self._lock:
             entry = self._seen.get(key)
             rec = entry[1]() if entry is not None and entry[0]() is not None else None
             if rec is not None:
                 self.stats.deduplicated += 1
+                report_saved(rec)
                 return rec
         gen = self.generator
         if gen is not None and gen.device.type != t.device.type:
@@ -207,6 +253,7 @@ class SavedTensorCompressor:
             self._offload(rec)
         with self._lock:
             self._seen[key] = (weakref.ref(t, lambda _: self._drop(key)), weakref.ref(rec))
+        report_saved(rec)
         return rec
 
     @staticmethod
@@ -229,8 +276,9 @@ class SavedTensorCompressor:
         ]
         rec.d2h = torch.cuda.Event()
         rec.d2h.record(torch.cuda.current_stream(rec.device))
-        rec.q = QuantizedTensor(host[0], host[1], host[2], q.shape, q.dtype, q.bits,
-                                q.group_size, q.per_sample)
+        rec.q = QuantizedTensor(
+            host[0], host[1], host[2], q.shape, q.dtype, q.bits, q.group_size, q.per_sample
+        )
         rec.index = self._schedule.add(rec)
 
     # ---- unpack -----------------------------------------------------------------------

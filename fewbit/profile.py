@@ -34,6 +34,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .compress import observe_saved
+
 __all__ = [
     "StepProfile",
     "profile_step",
@@ -53,6 +55,7 @@ LossFn = Callable[[Any, Any], Tensor]
 StorageKey = tuple[str, int]
 
 UNATTRIBUTED = "(unattributed)"
+RECORD = "(fewbit quantized record)"
 ROOT = "(model)"
 OUTSIDE = "(outside modules)"
 
@@ -129,6 +132,19 @@ class SavedTensorLog:
             self._keep.append(t)
         return t
 
+    def _observe(self, kept: object, nbytes: int) -> None:
+        """What fewbit's own pack hooks keep (they hide it from `_pack`, hooks nest)."""
+        if isinstance(kept, Tensor):
+            self._pack(kept)
+            return
+        key = (RECORD, id(kept))
+        if key not in self.nbytes:
+            self.nbytes[key] = nbytes
+            name, kind = self._stack[-1] if self._stack else (OUTSIDE, OUTSIDE)
+            self.module_of[key] = name
+            self.type_of[key] = kind
+            self._keep.append(kept)  # keeps id(kept) from being reused while logged
+
     @staticmethod
     def _unpack(t: Tensor) -> Tensor:
         return t
@@ -143,7 +159,8 @@ class SavedTensorLog:
                 self._handles.append(module.register_forward_hook(self._pop, always_call=True))
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-                yield self
+                with observe_saved(self._observe):
+                    yield self
         finally:
             for h in self._handles:
                 h.remove()
@@ -231,7 +248,7 @@ def saved_by_node(roots: Sequence[Any], log: SavedTensorLog) -> dict[str, int]:
                 owner[key] = (seq, name)
     out: dict[str, int] = {}
     for key, n in log.nbytes.items():
-        name = owner[key][1] if key in owner else UNATTRIBUTED
+        name = owner[key][1] if key in owner else RECORD if key[0] == RECORD else UNATTRIBUTED
         out[name] = out.get(name, 0) + n
     return _sorted_desc(out)
 
@@ -303,7 +320,9 @@ def rss_step_peak(fn: Callable[[], Any]) -> int:
 
     Resets the high-water mark (``5 > /proc/self/clear_refs``), runs ``fn`` and reads
     ``VmHWM``. Linux only. Meaningful only in a process started with
-    ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors go back to the OS at once.
+    ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors go back to the OS at once
+    (setting it later with ``mallopt`` is not enough: memory freed before stays resident
+    and is reused without raising VmHWM).
     """
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

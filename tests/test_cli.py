@@ -38,7 +38,7 @@ def test_tiny_bench_end_to_end(tmp_path: os.PathLike[str],
                                capsys: pytest.CaptureFixture[str]) -> None:
     path = os.path.join(tmp_path, "bench.json")
     status = main(["bench", "--model", "tiny", "--configs", "gelu3", "--steps", "1",
-                   "--no-progress", "--json", path])
+                   "--no-progress", "--rss", "--json", path])
     out = capsys.readouterr().out
     assert status == 0, out
     assert "vanilla" in out and "gelu3" in out and "wall time" in out
@@ -51,8 +51,9 @@ def test_tiny_bench_end_to_end(tmp_path: os.PathLike[str],
         assert key in vanilla and key in gelu3
     assert vanilla["time_ratio"] == 1.0 and vanilla["grad_rel_err"] == 0.0
     assert gelu3["saved_bytes"] < vanilla["saved_bytes"]
-    # each child ran in a fresh process with the malloc setting: RSS peak was measured
+    # --rss: each child ran in a fresh process with the malloc setting; RSS peak was measured
     assert vanilla["rss_peak_bytes"] > 0
+    assert report["settings"]["rss"] is True
 
 
 def test_profile_command(capsys: pytest.CaptureFixture[str]) -> None:

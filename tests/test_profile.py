@@ -181,7 +181,7 @@ _PEAK_CHILD = textwrap.dedent(
 def test_cpu_profiler_peak_matches_vmhwm_in_child() -> None:
     from fewbit.bench.memory import child_env
 
-    out = subprocess.run([sys.executable, "-c", _PEAK_CHILD], env=child_env(),
+    out = subprocess.run([sys.executable, "-c", _PEAK_CHILD], env=child_env(rss=True),
                          capture_output=True, text=True, timeout=300, check=True)
     peaks = json.loads(out.stdout.strip().splitlines()[-1])
     # saved: x (8 MiB) + GELU input (32 MiB) + GELU output (32 MiB) = 72 MiB, and the step

@@ -25,8 +25,14 @@ from torch import Tensor, nn
 
 from fewbit.bench.configs import get_config
 
-__all__ = ["DigitTransformer", "DigitMLP", "load_digits_split", "train_digits",
-           "run_convergence", "format_convergence"]
+__all__ = [
+    "DigitTransformer",
+    "DigitMLP",
+    "load_digits_split",
+    "train_digits",
+    "run_convergence",
+    "format_convergence",
+]
 
 
 class RowAttention(nn.Module):
@@ -91,8 +97,9 @@ class DigitMLP(nn.Module):
 
     def __init__(self, hidden: int = 256):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(64, hidden), nn.GELU(), nn.Linear(hidden, hidden),
-                                  nn.GELU())
+        self.body = nn.Sequential(
+            nn.Linear(64, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU()
+        )
         self.classifier = nn.Linear(hidden, 10)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -116,8 +123,13 @@ def load_digits_split(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def train_digits(
-    config: str, model: str = "transformer", epochs: int = 20, batch: int = 64,
-    lr: float = 2e-3, seed: int = 0, data: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None,
+    config: str,
+    model: str = "transformer",
+    epochs: int = 20,
+    batch: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    data: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None,
 ) -> dict[str, Any]:
     """Train one configuration (AdamW, cosine learning-rate decay to 0 over all steps);
     returns test accuracy (%) and per-epoch mean training loss."""
@@ -129,7 +141,8 @@ def train_digits(
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     total_steps = epochs * math.ceil(len(y_tr) / batch)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, total_steps) / total_steps)))
+        opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, total_steps) / total_steps))
+    )
     order = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -138,7 +151,7 @@ def train_digits(
         perm = torch.randperm(len(y_tr), generator=order)
         total = 0.0
         for i in range(0, len(perm), batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             loss = nn.functional.cross_entropy(net(x_tr[idx]), y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -149,8 +162,13 @@ def train_digits(
     net.eval()
     with torch.no_grad():
         acc = float((net(x_te).argmax(dim=1) == y_te).float().mean()) * 100.0
-    return {"config": config, "test_accuracy": acc, "train_loss": losses,
-            "final_train_loss": losses[-1], "train_time_s": time.perf_counter() - t0}
+    return {
+        "config": config,
+        "test_accuracy": acc,
+        "train_loss": losses,
+        "final_train_loss": losses[-1],
+        "train_time_s": time.perf_counter() - t0,
+    }
 
 
 def _mean(xs: list[float]) -> float:
@@ -162,15 +180,23 @@ def _merge_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     accs = [r["test_accuracy"] for r in runs]
     curves = [r["train_loss"] for r in runs]
     mean_curve = [_mean([c[i] for c in curves]) for i in range(len(curves[0]))]
-    return {"config": runs[0]["config"], "test_accuracy": _mean(accs),
-            "test_accuracy_per_seed": accs, "train_loss": mean_curve,
-            "final_train_loss": mean_curve[-1],
-            "train_time_s": sum(r["train_time_s"] for r in runs)}
+    return {
+        "config": runs[0]["config"],
+        "test_accuracy": _mean(accs),
+        "test_accuracy_per_seed": accs,
+        "train_loss": mean_curve,
+        "final_train_loss": mean_curve[-1],
+        "train_time_s": sum(r["train_time_s"] for r in runs),
+    }
 
 
 def run_convergence(
-    configs: list[str], model: str = "transformer", epochs: int = 20, seed: int = 0,
-    seeds: int = 1, progress: bool = True,
+    configs: list[str],
+    model: str = "transformer",
+    epochs: int = 20,
+    seed: int = 0,
+    seeds: int = 1,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train every configuration (vanilla first) with seeds ``seed .. seed+seeds-1``
     (initialisation and batch order; the split is fixed); mean test accuracy and its
@@ -191,20 +217,29 @@ def run_convergence(
     base = rows[0]["test_accuracy"]
     for r in rows:
         r["accuracy_delta"] = r["test_accuracy"] - base
-    settings = {"model": f"digits-{model}", "epochs": epochs, "seed": seed, "seeds": seeds,
-                "train": len(data[1]), "test": len(data[3])}
+    settings = {
+        "model": f"digits-{model}",
+        "epochs": epochs,
+        "seed": seed,
+        "seeds": seeds,
+        "train": len(data[1]),
+        "test": len(data[3]),
+    }
     return {"settings": settings, "rows": rows}
 
 
 def format_convergence(report: dict[str, Any]) -> str:
     """Table: configuration, final test accuracy, change vs vanilla, final loss, time."""
     s = report["settings"]
-    lines = [f"{s['model']}: {s['epochs']} epochs, {s['train']} train / {s['test']} test images,"
-             f" mean over {s.get('seeds', 1)} seed(s)",
-             f"{'config':<14}  {'test acc':>8}  {'vs vanilla':>10}  {'final loss':>10}  "
-             f"{'time':>7}"]
+    lines = [
+        f"{s['model']}: {s['epochs']} epochs, {s['train']} train / {s['test']} test images,"
+        f" mean over {s.get('seeds', 1)} seed(s)",
+        f"{'config':<14}  {'test acc':>8}  {'vs vanilla':>10}  {'final loss':>10}  {'time':>7}",
+    ]
     for r in report["rows"]:
-        lines.append(f"{r['config']:<14}  {r['test_accuracy']:7.2f}%  "
-                     f"{r['accuracy_delta']:+9.2f}pt  {r['final_train_loss']:10.4f}  "
-                     f"{r['train_time_s']:6.1f}s")
+        lines.append(
+            f"{r['config']:<14}  {r['test_accuracy']:7.2f}%  "
+            f"{r['accuracy_delta']:+9.2f}pt  {r['final_train_loss']:10.4f}  "
+            f"{r['train_time_s']:6.1f}s"
+        )
     return "\n".join(lines)

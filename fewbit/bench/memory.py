@@ -1,7 +1,8 @@
 """Parent side of the memory benchmark: one child process per configuration.
 
 `run_bench` starts ``python -m fewbit.bench.runner`` once per configuration (in order,
-never two at once, each with ``MALLOC_MMAP_THRESHOLD_=65536``), collects the JSON
+never two at once; with ``rss``, each with ``MALLOC_MMAP_THRESHOLD_=65536`` for the VmHWM
+cross-check), collects the JSON
 results, and adds the comparisons with the vanilla row: peak and saved-activation
 savings, step-time ratio and the relative L2 error of the full gradient vector
 (computed with dropout off, same seed and batch; see `fewbit.bench.runner`).
@@ -29,12 +30,16 @@ __all__ = ["run_bench", "child_env", "run_child", "grad_rel_error", "add_compari
 BASELINE = "vanilla"
 
 
-def child_env() -> dict[str, str]:
-    """Environment for a child: this fewbit importable, large frees returned to the OS."""
+def child_env(rss: bool = False) -> dict[str, str]:
+    """Environment for a child: this fewbit importable; with ``rss``, large frees returned to
+    the OS at once (``MALLOC_MMAP_THRESHOLD_``) so that VmHWM follows live memory. That
+    setting makes every large allocation page-fault and slows the steps, so it is only set
+    when the resident-memory cross-check is asked for."""
     env = dict(os.environ)
+    if rss:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     return env
@@ -45,13 +50,18 @@ def run_child(job: Job, timeout_s: Optional[float] = None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "fewbit.bench.runner", json.dumps(asdict(job))]
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, env=child_env(), timeout=timeout_s, check=False
+            cmd,
+            capture_output=True,
+            text=True,
+            env=child_env(job.rss),
+            timeout=timeout_s,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         return {"config": job.config, "error": f"timed out after {timeout_s} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            result: dict[str, Any] = json.loads(line[len(RESULT_PREFIX):])
+            result: dict[str, Any] = json.loads(line[len(RESULT_PREFIX) :])
             result["config"] = job.config
             return result
     tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and "USDT" not in ln][-6:]
@@ -117,8 +127,13 @@ def run_bench(
     seed: int = 0,
     progress: bool = True,
     timeout_s: Optional[float] = None,
+    rss: bool = False,
 ) -> dict[str, Any]:
-    """Benchmark ``configs`` (vanilla is added first when missing); a JSON-able report."""
+    """Benchmark ``configs`` (vanilla is added first when missing); a JSON-able report.
+
+    ``rss`` adds the independent resident-memory peak (VmHWM) of each step, measured in a
+    child started with ``MALLOC_MMAP_THRESHOLD_=65536``; step times are then slower.
+    """
     names = list(dict.fromkeys([BASELINE, *configs]))
     for name in names:
         get_config(name)  # ValueError on an unknown name before any child starts
@@ -134,13 +149,20 @@ def run_bench(
         bar = tqdm(names, desc="fewbit bench", unit="config", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
-            job = Job(name, model, batch, seq, dtype, device, steps, warmup, seed, paths[name])
+            job = Job(name, model, batch, seq, dtype, device, steps, warmup, seed, paths[name], rss)
             rows.append(run_child(job, timeout_s))
         add_comparisons(rows)
         _add_grad_errors(rows, paths)
     settings = {
-        "model": model, "batch": batch, "seq": seq, "dtype": dtype, "device": device,
-        "steps": steps, "warmup": warmup, "seed": seed,
+        "model": model,
+        "batch": batch,
+        "seq": seq,
+        "dtype": dtype,
+        "device": device,
+        "steps": steps,
+        "warmup": warmup,
+        "seed": seed,
+        "rss": rss,
     }
     first = next((r for r in rows if "error" not in r), None)
     if first is not None:

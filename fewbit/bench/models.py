@@ -53,23 +53,51 @@ _ROBERTA_COMMON: dict[str, Any] = {
 PRESETS: dict[str, ModelSpec] = {
     "roberta-small": ModelSpec(
         "roberta-small",
-        {**_ROBERTA_COMMON, "vocab_size": 8192, "num_hidden_layers": 4, "hidden_size": 256,
-         "num_attention_heads": 4, "intermediate_size": 1024},
-        batch=16, seq=128,
+        {
+            **_ROBERTA_COMMON,
+            "vocab_size": 8192,
+            "num_hidden_layers": 4,
+            "hidden_size": 256,
+            "num_attention_heads": 4,
+            "intermediate_size": 1024,
+        },
+        batch=16,
+        seq=128,
         description="RoBERTa architecture, 4 layers, hidden 256, vocab 8192 (default)",
     ),
     "roberta-base-mrpc": ModelSpec(
         "roberta-base-mrpc",
-        {**_ROBERTA_COMMON, "num_hidden_layers": 12, "hidden_size": 768,
-         "num_attention_heads": 12, "intermediate_size": 3072},
-        batch=128, seq=128,
+        {
+            **_ROBERTA_COMMON,
+            "num_hidden_layers": 12,
+            "hidden_size": 768,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+        },
+        batch=128,
+        seq=128,
         description="roberta-base, GLUE MRPC shape (published FewBit setting)",
+    ),
+    "resnet-small": ModelSpec(
+        "resnet-small",
+        {"num_labels": 10, "width": 32, "blocks": 2},
+        batch=64,
+        seq=32,
+        model_type="fewbit-resnet",
+        description="CIFAR-style ResNet (fewbit.models), 32x32 images ('seq' is the image side)",
     ),
     "tiny": ModelSpec(
         "tiny",
-        {**_ROBERTA_COMMON, "vocab_size": 1000, "num_hidden_layers": 2, "hidden_size": 64,
-         "num_attention_heads": 2, "intermediate_size": 256},
-        batch=4, seq=32,
+        {
+            **_ROBERTA_COMMON,
+            "vocab_size": 1000,
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "num_attention_heads": 2,
+            "intermediate_size": 256,
+        },
+        batch=4,
+        seq=32,
         description="RoBERTa architecture, 2 layers, hidden 64 (tests)",
     ),
 }
@@ -99,8 +127,37 @@ def resolve_spec(model: str, batch: Optional[int] = None, seq: Optional[int] = N
     return spec
 
 
+@dataclass
+class ClassifierOutput:
+    """What the image classifier returns: the cross-entropy loss and the logits."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+class ImageClassifier(nn.Module):
+    """Wraps a CNN so that ``model(pixel_values=..., labels=...)`` returns ``.loss``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> ClassifierOutput:
+        logits = self.net(pixel_values)
+        return ClassifierOutput(nn.functional.cross_entropy(logits, labels), logits)
+
+
 def build_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
-    """A freshly initialised sequence classifier (weights depend only on ``seed``)."""
+    """A freshly initialised classifier (weights depend only on ``seed``)."""
+    if spec.model_type == "fewbit-resnet":
+        from fewbit.models import resnet_small
+
+        torch.manual_seed(seed)
+        cfg = spec.config
+        net = resnet_small(
+            int(cfg["num_labels"]), width=int(cfg["width"]), blocks=int(cfg["blocks"])
+        )
+        return ImageClassifier(net).train()
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     fields = {k: v for k, v in spec.config.items() if k != "model_type"}
@@ -112,10 +169,17 @@ def build_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
 
 
 def make_batch(spec: ModelSpec, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random token ids (avoiding special ids 0-2), full attention mask and labels."""
-    vocab = int(spec.config.get("vocab_size", 1000))
-    labels = int(spec.config.get("num_labels", 2))
+    """Random token ids (avoiding special ids 0-2), full attention mask and labels; for the
+    CNN, random images of side ``spec.seq`` and labels."""
     gen = torch.Generator().manual_seed(seed)
+    labels = int(spec.config.get("num_labels", 2))
+    if spec.model_type == "fewbit-resnet":
+        side = spec.seq
+        return {
+            "pixel_values": torch.randn(spec.batch, 3, side, side, generator=gen),
+            "labels": torch.randint(0, labels, (spec.batch,), generator=gen),
+        }
+    vocab = int(spec.config.get("vocab_size", 1000))
     ids = torch.randint(3, vocab, (spec.batch, spec.seq), generator=gen)
     return {
         "input_ids": ids,

@@ -30,8 +30,11 @@ def _row_cells(r: dict[str, Any], rss: bool) -> list[str]:
         _pct(r.get("peak_saving_pct")),
     ]
     if rss:
-        cells.append("-" if r.get("rss_peak_bytes") is None
-                     else format_bytes(r["held_bytes"] + r["rss_peak_bytes"]))
+        cells.append(
+            "-"
+            if r.get("rss_peak_bytes") is None
+            else format_bytes(r["held_bytes"] + r["rss_peak_bytes"])
+        )
     cells += [
         format_bytes(r["saved_bytes"]),
         _pct(r.get("saved_saving_pct")),
@@ -58,16 +61,21 @@ def format_table(report: dict[str, Any]) -> str:
         head.append("peak (RSS)")
     head += ["saved activations", "vs vanilla", "step time", "time ratio", "grad rel err"]
     body = [_row_cells(r, rss) for r in rows]
-    widths = [max([len(head[i])] + [len(c[i]) for c in body if len(c) > i])
-              for i in range(len(head))]
+    widths = [
+        max([len(head[i])] + [len(c[i]) for c in body if len(c) > i]) for i in range(len(head))
+    ]
     lines = [_join(head, widths)] + [_join(cells, widths) for cells in body]
     s = report["settings"]
     params = s.get("n_params")
-    title = (f"model {s['model']}  batch {s.get('batch')}  seq {s.get('seq')}  {s['dtype']}  "
-             f"{s['device']}" + (f"  parameters {params:,}" if isinstance(params, int) else ""))
-    notes = ("peak memory = parameters, optimizer state and batch held before the step + the "
-             "step's peak above them; grad rel err = ||g - g_vanilla|| / ||g_vanilla|| "
-             "(dropout off, same weights and batch)")
+    title = (
+        f"model {s['model']}  batch {s.get('batch')}  seq {s.get('seq')}  {s['dtype']}  "
+        f"{s['device']}" + (f"  parameters {params:,}" if isinstance(params, int) else "")
+    )
+    notes = (
+        "peak memory = parameters, optimizer state and batch held before the step + the "
+        "step's peak above them; grad rel err = ||g - g_vanilla|| / ||g_vanilla|| "
+        "(dropout off, same weights and batch)"
+    )
     return "\n".join([title, *lines, notes])
 
 
@@ -94,8 +102,9 @@ def plot_memory(report: dict[str, Any], path: PathLike) -> None:
     names = [r["config"] for r in rows]
     held = [r["held_bytes"] / mib for r in rows]
     saved = [r["saved_bytes"] / mib for r in rows]
-    rest = [max(0.0, (r["peak_total_bytes"] - r["held_bytes"] - r["saved_bytes"]) / mib)
-            for r in rows]
+    rest = [
+        max(0.0, (r["peak_total_bytes"] - r["held_bytes"] - r["saved_bytes"]) / mib) for r in rows
+    ]
     fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(rows) + 2), 4.5))
     ax.bar(names, held, label="parameters + optimizer state + batch")
     ax.bar(names, saved, bottom=held, label="saved activations")
@@ -113,8 +122,11 @@ def plot_convergence(report: dict[str, Any], path: PathLike) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in report["rows"]:
-        ax.plot(range(1, len(r["train_loss"]) + 1), r["train_loss"],
-                label=f"{r['config']} ({r['test_accuracy']:.2f}%)")
+        ax.plot(
+            range(1, len(r["train_loss"]) + 1),
+            r["train_loss"],
+            label=f"{r['config']} ({r['test_accuracy']:.2f}%)",
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")

@@ -27,7 +27,12 @@ from torch import nn
 
 from fewbit.bench.configs import get_config
 from fewbit.bench.models import build_model, make_batch, resolve_spec
-from fewbit.profile import TrainStep, default_loss, profile_step, rss_step_peak
+from fewbit.profile import (
+    TrainStep,
+    default_loss,
+    profile_step,
+    rss_step_peak,
+)
 
 __all__ = ["Job", "run_job", "RESULT_PREFIX", "DTYPES", "dropout_disabled"]
 
@@ -49,7 +54,7 @@ class Job:
     warmup: int = 1
     seed: int = 0
     grad_path: Optional[str] = None
-    rss: bool = True
+    rss: bool = False
 
 
 @contextmanager
@@ -98,11 +103,17 @@ def run_job(job: Job) -> dict[str, Any]:
         _dump_grads(model, step, job.seed, job.grad_path)
     torch.manual_seed(job.seed + 2)
     prof = profile_step(
-        model, batch, optimizer=optimizer, steps=job.steps, warmup=job.warmup,
-        device=device, amp_dtype=amp,
+        model,
+        batch,
+        optimizer=optimizer,
+        steps=job.steps,
+        warmup=job.warmup,
+        device=device,
+        amp_dtype=amp,
     )
     result: dict[str, Any] = {"job": asdict(job), **prof.to_dict()}
-    result["rss_peak_bytes"] = rss_step_peak(step) if job.rss and device.type == "cpu" else None
+    rss = job.rss and device.type == "cpu"
+    result["rss_peak_bytes"] = rss_step_peak(step) if rss else None
     result["n_params"] = sum(p.numel() for p in model.parameters())
     result["model_name"] = spec.name
     result["batch"] = spec.batch

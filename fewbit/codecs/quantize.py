@@ -54,8 +54,8 @@ __all__ = [
 
 QUANT_BITS = (1, 2, 4, 8)
 META_BYTES_PER_GROUP = 4  # 16-bit lo + 16-bit scale
-# Elements processed at once: bounds the float32/int64 transients to a few tens of MiB.
-_CHUNK = 1 << 22
+# Elements processed at once: bounds the float32 transients (about three 4-MiB blocks).
+_CHUNK = 1 << 20
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

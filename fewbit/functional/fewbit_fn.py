@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from .. import kernels
-from ..codecs.bitpack import pack, unpack
+from ..codecs.bitpack import pack, packed_nbytes, unpack
 from ..codecs.marks import mark_compact
 
 __all__ = [
@@ -39,6 +39,9 @@ __all__ = [
 Forward = Callable[[Tensor], Tensor]
 Encoder = Callable[[Tensor], Tensor]
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Elements encoded or looked up at once on the PyTorch path (a multiple of 8, so that each
+# chunk starts on a byte boundary of the packed stream for every bit width).
+_CHUNK = 1 << 19
 
 
 def check_floating(input: Tensor, name: str = "input") -> None:
@@ -101,6 +104,18 @@ def _use_kernels(t: Tensor) -> bool:
     return t.dtype in _KERNEL_DTYPES and kernels.available(t)
 
 
+def _encode_and_pack(x: Tensor, spec: ActivationSpec) -> Tensor:
+    """pack(encode(x)) in chunks of ``_CHUNK`` elements: the uint8 codes and comparison
+    masks never exist for the whole tensor at once (a few MiB of transient memory)."""
+    flat = x.reshape(-1)
+    if flat.numel() <= _CHUNK:
+        return pack(spec.encode(flat), spec.bits)
+    parts = [
+        pack(spec.encode(flat[i : i + _CHUNK]), spec.bits) for i in range(0, flat.numel(), _CHUNK)
+    ]
+    return torch.cat(parts)
+
+
 def _forward_and_pack(x: Tensor, spec: ActivationSpec) -> tuple[Tensor, Tensor]:
     """(y, packed codes): one fused Triton pass on CUDA, torch ops elsewhere."""
     if spec.kernel is not None and _use_kernels(x):
@@ -110,18 +125,33 @@ def _forward_and_pack(x: Tensor, spec: ActivationSpec) -> tuple[Tensor, Tensor]:
         return kernels.activation_forward(
             x, spec.kernel, dict(spec.params), bounds, spec.symmetric, spec.bits
         )
-    return spec.forward(x), pack(spec.encode(x), spec.bits)
+    return spec.forward(x), _encode_and_pack(x, spec)
 
 
 def _grad_times_levels(grad: Tensor, packed: Tensor, spec: ActivationSpec, shape: torch.Size):
-    """grad * levels[code], multiplied in float32 (float64 for float64) and rounded once."""
+    """grad * levels[code], multiplied in float32 (float64 for float64) and rounded once.
+
+    On the PyTorch path the codes are unpacked and looked up ``_CHUNK`` elements at a time,
+    so the transient memory is a few MiB besides the result.
+    """
     compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
     lut = torch.tensor(spec.levels, dtype=compute, device=grad.device)
     if _use_kernels(grad):
         return kernels.activation_backward(grad.contiguous(), packed, lut, spec.bits).view(shape)
-    codes = unpack(packed, spec.bits, shape.numel())
-    factor = lut.index_select(0, codes.int()).view(shape)
-    return torch.mul(grad, factor).to(grad.dtype)
+    flat = grad.reshape(-1)
+    n, bits = flat.numel(), spec.bits
+
+    def levels_at(start: int, stop: int) -> Tensor:
+        chunk = packed[start * bits // 8 : packed_nbytes(stop, bits)]
+        return torch.take(lut, unpack(chunk, bits, stop - start).long())
+
+    if n <= _CHUNK:
+        return torch.mul(flat, levels_at(0, n)).to(grad.dtype).view(shape)
+    out = torch.empty_like(flat, memory_format=torch.contiguous_format)
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        out[start:stop] = torch.mul(flat[start:stop], levels_at(start, stop))
+    return out.view(shape)
 
 
 class FewBitActivation(torch.autograd.Function):

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..codecs.marks import is_compact
 from ..codecs.quantize import QuantizedTensor, check_group_size, check_quant_bits
-from ..compress import SavedTensorCompressor
+from ..compress import SavedTensorCompressor, report_saved
 from ..functional import compressed as FC
 from .activations import ReLU
 
@@ -106,7 +106,8 @@ def saved_nbytes(obj: object) -> int:
 
 
 _METER: contextvars.ContextVar[Optional[SavedBytesMeter]] = contextvars.ContextVar(
-    "fewbit_saved_bytes_meter", default=None)
+    "fewbit_saved_bytes_meter", default=None
+)
 
 
 class SavedBytesMeter:
@@ -216,8 +217,13 @@ class _LayerSaver:
         # Only the storage of ``target`` (the input) is quantized; None: every activation.
         self.target = None if target is None else target.untyped_storage().data_ptr()
         self.input = target
-        self.comp = SavedTensorCompressor(layer.bits, group_size=layer.group_size, min_numel=0,
-                                          skip=tensors, offload=layer.offload)
+        self.comp = SavedTensorCompressor(
+            layer.bits,
+            group_size=layer.group_size,
+            min_numel=0,
+            skip=tensors,
+            offload=layer.offload,
+        )
         self.formats: Dict[int, torch.memory_format] = {}
 
     def _passes(self, t: Tensor) -> bool:
@@ -230,14 +236,21 @@ class _LayerSaver:
 
     def pack(self, t: Tensor) -> object:
         if self._passes(t):
-            if self.meter is not None and t.untyped_storage().data_ptr() not in self.skip:
-                self.meter._pack(t)
+            if t.untyped_storage().data_ptr() not in self.skip:
+                report_saved(t)
+                if self.meter is not None:
+                    self.meter._pack(t)
             return t
         view = None
         x = self.input
-        if (x is not None and t.shape != x.shape and t.numel() == x.numel()
-                and t.storage_offset() == x.storage_offset() and t.is_contiguous()
-                and x.is_contiguous()):
+        if (
+            x is not None
+            and t.shape != x.shape
+            and t.numel() == x.numel()
+            and t.storage_offset() == x.storage_offset()
+            and t.is_contiguous()
+            and x.is_contiguous()
+        ):
             # A reshaped view of the input (Linear on N-d input): quantize the input itself so
             # groups follow its samples, and reshape back in unpack.
             view, t = t.shape, x
@@ -285,15 +298,20 @@ class CompressedLayer(nn.Module):
     fewbit_stats: Optional[LayerStats]
     quantize_output = False
 
-    def _init_compression(self, bits: int = 2, group_size: int = 256,
-                          offload: bool = False) -> None:
+    def _init_compression(
+        self, bits: int = 2, group_size: int = 256, offload: bool = False
+    ) -> None:
         self.bits = check_quant_bits(bits)
         self.group_size = check_group_size(group_size)
         self.offload = bool(offload)
         self.fewbit_stats = None
 
-    def set_compression(self, bits: Optional[int] = None, group_size: Optional[int] = None,
-                        offload: Optional[bool] = None) -> None:
+    def set_compression(
+        self,
+        bits: Optional[int] = None,
+        group_size: Optional[int] = None,
+        offload: Optional[bool] = None,
+    ) -> None:
         """Change bits / group_size / offload (None keeps the current value)."""
         if bits is not None:
             self.bits = check_quant_bits(bits)
@@ -305,7 +323,8 @@ class CompressedLayer(nn.Module):
     def _compressed(self, fn: Callable[..., Tensor], input: Tensor, *args: Any) -> Tensor:
         """Run ``fn(input, *args)`` with this layer's saved activations quantized."""
         grads = torch.is_grad_enabled() and (
-            input.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False)))
+            input.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False))
+        )
         if not grads:
             return fn(input, *args)
         saver = _LayerSaver(self, None if self.quantize_output else input)
@@ -472,8 +491,7 @@ class Softmax(CompressedLayer, nn.Softmax):
 
     quantize_output = True
 
-    def __init__(self, dim: Optional[int] = None, *, bits: int = 2,
-                 group_size: int = 256) -> None:
+    def __init__(self, dim: Optional[int] = None, *, bits: int = 2, group_size: int = 256) -> None:
         super().__init__(dim)
         self._init_compression(bits, group_size)
 
@@ -495,48 +513,89 @@ class MaxPool1d(nn.MaxPool1d):
     """``nn.MaxPool1d`` saving ``ceil(log2(kernel_size))``-bit argmax offsets; exact grads."""
 
     def forward(self, input: Tensor) -> Any:
-        return FC.max_pool1d(input, self.kernel_size, self.stride, self.padding, self.dilation,
-                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+        return FC.max_pool1d(
+            input,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            ceil_mode=self.ceil_mode,
+            return_indices=self.return_indices,
+        )
 
 
 class MaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` saving ``ceil(log2(kh*kw))``-bit argmax offsets; exact grads."""
 
     def forward(self, input: Tensor) -> Any:
-        return FC.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
-                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+        return FC.max_pool2d(
+            input,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            ceil_mode=self.ceil_mode,
+            return_indices=self.return_indices,
+        )
 
 
 class MaxPool3d(nn.MaxPool3d):
     """``nn.MaxPool3d`` saving ``ceil(log2(kd*kh*kw))``-bit argmax offsets; exact grads."""
 
     def forward(self, input: Tensor) -> Any:
-        return FC.max_pool3d(input, self.kernel_size, self.stride, self.padding, self.dilation,
-                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+        return FC.max_pool3d(
+            input,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            ceil_mode=self.ceil_mode,
+            return_indices=self.return_indices,
+        )
 
 
 class AvgPool1d(nn.AvgPool1d):
     """``nn.AvgPool1d`` saving nothing for backward; exact grads."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return FC.avg_pool1d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
-                             self.count_include_pad)
+        return FC.avg_pool1d(
+            input,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.ceil_mode,
+            self.count_include_pad,
+        )
 
 
 class AvgPool2d(nn.AvgPool2d):
     """``nn.AvgPool2d`` saving nothing for backward; exact grads."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return FC.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
-                             self.count_include_pad, self.divisor_override)
+        return FC.avg_pool2d(
+            input,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.ceil_mode,
+            self.count_include_pad,
+            self.divisor_override,
+        )
 
 
 class AvgPool3d(nn.AvgPool3d):
     """``nn.AvgPool3d`` saving nothing for backward; exact grads."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return FC.avg_pool3d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
-                             self.count_include_pad, self.divisor_override)
+        return FC.avg_pool3d(
+            input,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.ceil_mode,
+            self.count_include_pad,
+            self.divisor_override,
+        )
 
 
 # --- ActNN names --------------------------------------------------------------------------------
@@ -566,15 +625,27 @@ QAvgPool3d = AvgPool3d
 
 #: torch.nn class -> compressed class (exact type match), used by fewbit.levels.
 QUANTIZED: Tuple[Tuple[type, type], ...] = (
-    (nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d), (nn.Conv3d, Conv3d),
-    (nn.ConvTranspose1d, ConvTranspose1d), (nn.ConvTranspose2d, ConvTranspose2d),
-    (nn.ConvTranspose3d, ConvTranspose3d), (nn.Linear, Linear),
-    (nn.BatchNorm1d, BatchNorm1d), (nn.BatchNorm2d, BatchNorm2d), (nn.BatchNorm3d, BatchNorm3d),
-    (nn.SyncBatchNorm, SyncBatchNorm), (nn.LayerNorm, LayerNorm), (nn.GroupNorm, GroupNorm),
+    (nn.Conv1d, Conv1d),
+    (nn.Conv2d, Conv2d),
+    (nn.Conv3d, Conv3d),
+    (nn.ConvTranspose1d, ConvTranspose1d),
+    (nn.ConvTranspose2d, ConvTranspose2d),
+    (nn.ConvTranspose3d, ConvTranspose3d),
+    (nn.Linear, Linear),
+    (nn.BatchNorm1d, BatchNorm1d),
+    (nn.BatchNorm2d, BatchNorm2d),
+    (nn.BatchNorm3d, BatchNorm3d),
+    (nn.SyncBatchNorm, SyncBatchNorm),
+    (nn.LayerNorm, LayerNorm),
+    (nn.GroupNorm, GroupNorm),
     (nn.Softmax, Softmax),
 )
 LOSSLESS: Tuple[Tuple[type, type], ...] = (
-    (nn.Dropout, Dropout), (nn.MaxPool1d, MaxPool1d), (nn.MaxPool2d, MaxPool2d),
-    (nn.MaxPool3d, MaxPool3d), (nn.AvgPool1d, AvgPool1d), (nn.AvgPool2d, AvgPool2d),
+    (nn.Dropout, Dropout),
+    (nn.MaxPool1d, MaxPool1d),
+    (nn.MaxPool2d, MaxPool2d),
+    (nn.MaxPool3d, MaxPool3d),
+    (nn.AvgPool1d, AvgPool1d),
+    (nn.AvgPool2d, AvgPool2d),
     (nn.AvgPool3d, AvgPool3d),
 )
