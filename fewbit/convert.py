@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 #: Paths (dotted, ``re.search``) of linear layers kept exact by default: task heads.
-DEFAULT_LINEAR_EXCLUDE = r"(^|\.)(classifier|pooler|lm_head|score|qa_outputs|cls|head)(\.|$)"
+DEFAULT_LINEAR_EXCLUDE = r"(^|\.)(classifier|pooler|lm_head|score|qa_outputs|cls|head|fc)(\.|$)"
 
 Bits = Union[None, int, Mapping[str, Optional[int]]]
 Plan = tuple[type[fa.FewBitActivationModule], dict[str, Any]]

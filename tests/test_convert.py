@@ -238,3 +238,11 @@ def test_conv1d_conversion_shares_parameters() -> None:
     new = model.transformer.h[0].mlp.c_fc
     assert isinstance(new, RandomizedConv1D) and new.weight is conv.weight
     assert new.bias is conv.bias and new.proj_dim_ratio == 0.25
+
+
+def test_default_keeps_cnn_head_named_fc_exact() -> None:
+    """torchvision-style heads are called ``fc``: kept exact like classifier/lm_head."""
+    from fewbit.models import resnet_small
+
+    model = convert(resnet_small(), linear=0.2)
+    assert type(model.fc) is nn.Linear
