@@ -32,7 +32,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--preset",
         dest="model",
         default="roberta-small",
-        help="preset name (roberta-small, roberta-base-mrpc, tiny) or path to a "
+        help="preset name (roberta-small, roberta-base-mrpc, resnet-small, tiny) or path to a "
         "Hugging Face config JSON (default: roberta-small)",
     )
     p.add_argument("--batch", type=int, default=None, help="batch size (default: preset's)")

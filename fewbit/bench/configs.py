@@ -52,6 +52,13 @@ def _rand20(model: nn.Module) -> nn.Module:
     return _convert(model, activations=False, linear=0.2)
 
 
+def _rand20_variant(matmul: str) -> Apply:
+    def apply(model: nn.Module) -> nn.Module:
+        return _convert(model, activations=False, linear={"proj_dim_ratio": 0.2, "matmul": matmul})
+
+    return apply
+
+
 def _gelu3_rand20(model: nn.Module) -> nn.Module:
     return _convert(model, bits=3, linear=0.2)
 
@@ -107,6 +114,8 @@ def register(config: Config) -> Config:
 register(Config("vanilla", _vanilla, "PyTorch as is"))
 register(Config("gelu3", _gelu3, "3-bit activation derivatives (fewbit.convert, linear=None)"))
 register(Config("rand20", _rand20, "randomized linear layers keeping 20% of rows"))
+register(Config("rand20-rademacher", _rand20_variant("rademacher"), "rand20, Rademacher sketch"))
+register(Config("rand20-sampling", _rand20_variant("sampling"), "rand20, importance row sampling"))
 register(Config("gelu3+rand20", _gelu3_rand20, "3-bit activations and randomized linear 20%"))
 register(
     Config("L1", _level(1), "ActNN-style level 1: 4-bit layers, 1-bit masks, 3-bit activations")

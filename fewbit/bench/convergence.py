@@ -231,14 +231,15 @@ def run_convergence(
 def format_convergence(report: dict[str, Any]) -> str:
     """Table: configuration, final test accuracy, change vs vanilla, final loss, time."""
     s = report["settings"]
+    w = max([len("config"), *(len(r["config"]) for r in report["rows"])])
     lines = [
         f"{s['model']}: {s['epochs']} epochs, {s['train']} train / {s['test']} test images,"
         f" mean over {s.get('seeds', 1)} seed(s)",
-        f"{'config':<14}  {'test acc':>8}  {'vs vanilla':>10}  {'final loss':>10}  {'time':>7}",
+        f"{'config':<{w}}  {'test acc':>8}  {'vs vanilla':>10}  {'final loss':>10}  {'time':>7}",
     ]
     for r in report["rows"]:
         lines.append(
-            f"{r['config']:<14}  {r['test_accuracy']:7.2f}%  "
+            f"{r['config']:<{w}}  {r['test_accuracy']:7.2f}%  "
             f"{r['accuracy_delta']:+9.2f}pt  {r['final_train_loss']:10.4f}  "
             f"{r['train_time_s']:6.1f}s"
         )

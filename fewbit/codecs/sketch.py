@@ -29,6 +29,7 @@ __all__ = [
     "SKETCHES",
     "check_sketch",
     "chunk_rows",
+    "draw_by_norm",
     "draw_seed",
     "importance_rows",
     "project",
@@ -156,22 +157,29 @@ def _random_block(kind: str, shape: tuple[int, int], gen: torch.Generator,
     raise ValueError(f"matmul must be one of {list(DENSE_SKETCHES)} here, got {kind!r}")
 
 
-def importance_rows(x: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Row-sampling sketch of ``x`` (``n x f``): ``k`` row indices drawn with replacement
-    with ``p_n`` proportional to ``||x_n||`` (uniform if ``x`` is all zero), and the rows
-    ``x_n / (k p_n)`` (dtype of ``x``). Extra memory: O(n) for the probabilities."""
-    n = x.shape[0]
-    norms = torch.linalg.vector_norm(x.to(torch.float64), dim=1)
+def draw_by_norm(norms: Tensor, draws: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``draws`` indices drawn with replacement with probability proportional to ``norms``
+    (uniform when they are all zero or not finite), from a generator seeded with ``seed``;
+    returns the indices and the float64 probabilities of every index."""
     total = norms.sum()
     if not bool(total > 0) or not bool(torch.isfinite(total)):
         norms = torch.ones_like(norms)
         total = norms.sum()
     probs = norms / total
     cdf = torch.cumsum(probs, 0)
-    gen = torch.Generator(device=x.device)
+    gen = torch.Generator(device=norms.device)
     gen.manual_seed(seed)
-    u = torch.rand(k, generator=gen, dtype=torch.float64, device=x.device) * cdf[-1]
-    index = torch.searchsorted(cdf, u, right=True).clamp_(max=n - 1)
+    u = torch.rand(draws, generator=gen, dtype=torch.float64, device=norms.device) * cdf[-1]
+    index = torch.searchsorted(cdf, u, right=True).clamp_(max=norms.numel() - 1)
+    return index, probs
+
+
+def importance_rows(x: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Row-sampling sketch of ``x`` (``n x f``): ``k`` row indices drawn with replacement
+    with ``p_n`` proportional to ``||x_n||`` (uniform if ``x`` is all zero), and the rows
+    ``x_n / (k p_n)`` (dtype of ``x``). Extra memory: O(n) for the probabilities."""
+    norms = torch.linalg.vector_norm(x.to(torch.float64), dim=1)
+    index, probs = draw_by_norm(norms, k, seed)
     scale = 1.0 / (k * probs[index])
     rows = (x[index].to(torch.float64) * scale[:, None]).to(x.dtype)
     return index, rows

@@ -22,6 +22,7 @@ from ..codecs.sketch import (
     check_proj_args,
     check_sketch,
     chunk_rows,
+    draw_by_norm,
     draw_seed,
     importance_rows,
     project,
@@ -268,16 +269,7 @@ def _sample_columns(x: Tensor, pairs: int, seed: int) -> tuple[Tensor, Tensor]:
     """Distinct sampled columns and their weights ``count_j / (c p_j)``, with ``c = pairs``
     draws with replacement and ``p_j`` proportional to ``||x[:, j]||`` (uniform if zero)."""
     norms = torch.linalg.vector_norm(x.to(torch.float64), dim=0)
-    total = norms.sum()
-    if not bool(total > 0) or not bool(torch.isfinite(total)):
-        norms = torch.ones_like(norms)
-        total = norms.sum()
-    probs = norms / total
-    cdf = torch.cumsum(probs, 0)
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(seed)
-    u = torch.rand(pairs, generator=gen, dtype=torch.float64, device=x.device) * cdf[-1]
-    draws = torch.searchsorted(cdf, u, right=True).clamp_(max=x.shape[1] - 1)
+    draws, probs = draw_by_norm(norms, pairs, seed)
     counts = torch.bincount(draws, minlength=x.shape[1])
     columns = torch.nonzero(counts).flatten()
     scale = counts[columns].to(torch.float64) / (pairs * probs[columns])
