@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .compress import observe_saved
+from .util import saved_tensors_of
 
 __all__ = [
     "StepProfile",
@@ -190,22 +191,6 @@ def _group(nbytes: dict[StorageKey, int], label: dict[StorageKey, str]) -> dict[
     return _sorted_desc(out)
 
 
-def _node_saved_tensors(node: Any) -> list[Tensor]:
-    """Tensors a backward node holds for backward (empty once they are freed)."""
-    found: list[Tensor] = []
-    names = [a for a in dir(node) if a.startswith("_saved_")]
-    if hasattr(node, "saved_tensors"):
-        names.append("saved_tensors")
-    for attr in names:
-        try:
-            value = getattr(node, attr)
-        except (RuntimeError, AttributeError):
-            continue
-        items = value if isinstance(value, (tuple, list)) else (value,)
-        found.extend(v for v in items if isinstance(v, Tensor))
-    return found
-
-
 def _node_name(node: Any) -> str:
     try:
         return str(node.name())
@@ -242,7 +227,7 @@ def saved_by_node(roots: Sequence[Any], log: SavedTensorLog) -> dict[str, int]:
     for node in _graph_nodes(roots):
         seq = _sequence_nr(node)
         name = _node_name(node)
-        for t in _node_saved_tensors(node):
+        for t in saved_tensors_of(node):
             key = storage_key(t)
             if key in log.nbytes and (key not in owner or seq < owner[key][0]):
                 owner[key] = (seq, name)

@@ -25,6 +25,7 @@ __all__ = [
     "estimate_memory_usage",
     "map_module",
     "memory_usage_hooks",
+    "saved_tensors_of",
     "teniter",
     "traverse",
 ]
@@ -130,7 +131,7 @@ def _tensors_besides(layer: nn.Module) -> Iterator[Tensor]:
 # ------------------------------------------------------------------------- autograd graphs
 
 
-def _saved_of(node: Any) -> Iterator[Tensor]:
+def saved_tensors_of(node: Any) -> Iterator[Tensor]:
     """Tensors a grad_fn node saved: ``_saved_*`` attributes of built-in nodes and
     ``saved_tensors`` of custom Functions (unpacked through any active hooks)."""
     names = [name for name in dir(node) if name.startswith("_saved_")]
@@ -159,7 +160,7 @@ def traverse(variable: Tensor, callback: TraverseCallable) -> None:
         leaf = getattr(node, "variable", None)
         if isinstance(leaf, Tensor):
             callback(node, leaf, False)
-        for tensor in _saved_of(node):
+        for tensor in saved_tensors_of(node):
             callback(node, tensor, True)
         stack.extend(child for child, _ in getattr(node, "next_functions", ()))
 
