@@ -161,7 +161,7 @@ def _bench(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             rss=args.rss,
         )
-        print(report.format_table(result))
+        print(report.format_markdown(result) if args.markdown else report.format_table(result))
         if args.plot:
             report.plot_memory(result, args.plot)
     print(f"wall time {time.perf_counter() - t0:.1f} s")

@@ -8,7 +8,13 @@ from typing import Any, Optional, Union
 
 from fewbit.profile import format_bytes
 
-__all__ = ["format_table", "write_json", "plot_memory", "plot_convergence"]
+__all__ = [
+    "format_markdown",
+    "format_table",
+    "write_json",
+    "plot_memory",
+    "plot_convergence",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -50,6 +56,19 @@ def _join(cells: list[str], widths: list[int]) -> str:
     if len(cells) < len(widths):
         return "  ".join([cells[0].ljust(widths[0]), *cells[1:]])
     return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The benchmark table as Markdown (the README's tables are made with this)."""
+    rows = report["rows"]
+    rss = any(r.get("rss_peak_bytes") is not None for r in rows)
+    head = ["config", "peak", "vs vanilla"] + (["peak (RSS)"] if rss else [])
+    head += ["saved activations", "vs vanilla", "step time", "ratio", "grad err"]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for r in rows:
+        cells = _row_cells(r, rss)
+        lines.append("| " + " | ".join(cells + [""] * (len(head) - len(cells))) + " |")
+    return "\n".join(lines)
 
 
 def format_table(report: dict[str, Any]) -> str:
