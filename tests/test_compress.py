@@ -334,3 +334,20 @@ def test_offload_cuda_matches_no_offload() -> None:
         x.grad = None
         assert comp.stats.compressed >= 6
     assert torch.equal(grads[0], grads[1])
+
+
+def test_generic_mode_does_not_keep_the_original_alive() -> None:
+    """The quantized record replaces the tensor: once the caller drops it, it is freed."""
+    import gc
+    import weakref
+
+    x = torch.randn(64, 128, requires_grad=True)
+    with compress(bits=2, min_numel=16):
+        h = x * 2.0
+        ref = weakref.ref(h)
+        y = torch.nn.functional.gelu(h)
+    del h
+    gc.collect()
+    assert ref() is None
+    y.sum().backward()
+    assert x.grad is not None

@@ -226,6 +226,10 @@ class _LayerSaver:
         )
         self.formats: Dict[int, torch.memory_format] = {}
 
+    def release_input(self) -> None:
+        """Forget the input (needed only while packing, during the layer's forward)."""
+        self.input = None
+
     def _passes(self, t: Tensor) -> bool:
         if not t.is_floating_point() or t.numel() == 0 or is_compact(t):
             return True
@@ -328,8 +332,13 @@ class CompressedLayer(nn.Module):
         if not grads:
             return fn(input, *args)
         saver = _LayerSaver(self, None if self.quantize_output else input)
-        with torch.autograd.graph.saved_tensors_hooks(saver.pack, saver.unpack):
-            out = fn(input, *args)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(saver.pack, saver.unpack):
+                out = fn(input, *args)
+        finally:
+            # autograd keeps ``saver.unpack`` with every record until backward: the saver must
+            # not keep the full-precision input alive with it.
+            saver.release_input()
         stats = self.fewbit_stats
         if stats is not None and self.training and out.requires_grad:
             out.register_hook(stats.update_grad)

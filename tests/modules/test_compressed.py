@@ -142,3 +142,24 @@ def test_aliases_and_bad_arguments():
     with pytest.raises(ValueError, match="group_size"):
         C.Conv2d(1, 1, 1, group_size=0)
     assert "bits=4" in repr(C.Linear(4, 4, bits=4))
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: C.QLinear(64, 32), lambda: C.QLayerNorm(64)], ids=["linear", "ln"]
+)
+def test_layer_does_not_keep_its_full_precision_input_alive(make) -> None:
+    """Autograd keeps a layer's unpack hook with every record until backward; the hook's owner
+    must not hold the input, or the quantization saves nothing in reality."""
+    import gc
+    import weakref
+
+    layer = make()
+    x = torch.randn(8, 64, requires_grad=True)
+    h = x * 2.0  # an intermediate: only the layer could keep it alive
+    ref = weakref.ref(h)
+    y = layer(h)
+    del h
+    gc.collect()
+    assert ref() is None
+    y.sum().backward()
+    assert x.grad is not None
