@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure each step's resident-memory peak (VmHWM) as an "
         "independent check of the peak; slows the steps",
     )
+    bench.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument("--list", action="store_true", help="list presets and configurations")
     bench.add_argument(

@@ -114,9 +114,9 @@ def register(config: Config) -> Config:
 register(Config("vanilla", _vanilla, "PyTorch as is"))
 register(Config("gelu3", _gelu3, "3-bit activation derivatives (fewbit.convert, linear=None)"))
 register(Config("rand20", _rand20, "randomized linear layers keeping 20% of rows"))
+register(Config("gelu3+rand20", _gelu3_rand20, "3-bit activations and randomized linear 20%"))
 register(Config("rand20-rademacher", _rand20_variant("rademacher"), "rand20, Rademacher sketch"))
 register(Config("rand20-sampling", _rand20_variant("sampling"), "rand20, importance row sampling"))
-register(Config("gelu3+rand20", _gelu3_rand20, "3-bit activations and randomized linear 20%"))
 register(
     Config("L1", _level(1), "ActNN-style level 1: 4-bit layers, 1-bit masks, 3-bit activations")
 )
