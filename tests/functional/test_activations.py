@@ -271,3 +271,30 @@ def test_double_backward_raises_clear_error() -> None:
     x = torch.randn(10, requires_grad=True)
     with pytest.raises(RuntimeError, match="differentiated twice"):
         torch.autograd.grad(FB.gelu(x).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 5, 8])
+def test_chunked_encode_and_lookup_match_whole_tensor(
+    bits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large tensors are encoded/packed and looked up in chunks; a small chunk (not dividing n)
+    must give the same packed bytes and gradient as the whole-tensor definition."""
+    import fewbit.functional.fewbit_fn as fn
+    from fewbit.codecs import pack
+
+    monkeypatch.setattr(fn, "_CHUNK", 64)
+    x = torch.randn(1001, dtype=torch.float32, requires_grad=True)
+    g = torch.randn(1001)
+    saved: list[Tensor] = []
+
+    def keep(t: Tensor) -> Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        y = FB.gelu(x, bits=bits)
+    (gx,) = torch.autograd.grad(y, x, g)
+    table = get_table("gelu", bits)
+    assert torch.equal(saved[0], pack(table.encode(x.detach()), bits))
+    lut = torch.tensor(table.levels)
+    assert torch.equal(gx, g * lut[table.encode(x.detach()).long()])
