@@ -19,7 +19,75 @@ from ..functional.linear import linear_crs, linear_randomized
 __all__ = ["LinearCRS", "LinearGRP", "RandomizedConv1D", "RandomizedLinear"]
 
 
-class RandomizedLinear(nn.Linear):
+class _SketchSettings:
+    """The sketch settings shared by :class:`RandomizedLinear` and :class:`RandomizedConv1D`:
+    validation, attributes, the sketched call and their part of the repr."""
+
+    proj_dim_ratio: Optional[float]
+    proj_dim: Optional[int]
+    proj_dim_min: Optional[int]
+    proj_dim_max: Optional[int]
+    matmul: str
+    generator: Optional[torch.Generator]
+
+    @staticmethod
+    def _check_sketch_args(
+        proj_dim_ratio: Optional[float],
+        proj_dim: Optional[int],
+        proj_dim_min: Optional[int],
+        proj_dim_max: Optional[int],
+        matmul: str,
+        generator: Optional[torch.Generator],
+    ) -> None:
+        check_proj_args(proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max)
+        check_sketch(matmul)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)!r}")
+
+    def _set_sketch_args(
+        self,
+        proj_dim_ratio: Optional[float],
+        proj_dim: Optional[int],
+        proj_dim_min: Optional[int],
+        proj_dim_max: Optional[int],
+        matmul: str,
+        generator: Optional[torch.Generator],
+    ) -> None:
+        self.proj_dim_ratio = proj_dim_ratio
+        self.proj_dim = proj_dim
+        self.proj_dim_min = proj_dim_min
+        self.proj_dim_max = proj_dim_max
+        self.matmul = matmul
+        self.generator = generator
+
+    def _sketched(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return linear_randomized(
+            input,
+            weight,
+            bias,
+            self.proj_dim_ratio,
+            self.proj_dim,
+            self.proj_dim_min,
+            self.proj_dim_max,
+            self.matmul,
+            self.generator,
+        )
+
+    def _sketch_repr(self) -> list[str]:
+        parts = [f"matmul={self.matmul!r}"]
+        if self.proj_dim is not None:
+            parts.append(f"proj_dim={self.proj_dim}")
+        else:
+            ratio = 0.5 if self.proj_dim_ratio is None else self.proj_dim_ratio
+            parts.append(f"proj_dim_ratio={ratio}")
+        if self.proj_dim_min is not None:
+            parts.append(f"proj_dim_min={self.proj_dim_min}")
+        if self.proj_dim_max is not None:
+            parts.append(f"proj_dim_max={self.proj_dim_max}")
+        return parts
+
+
+class RandomizedLinear(_SketchSettings, nn.Linear):
     """``nn.Linear`` whose backward uses a random sketch of the input (GRP).
 
     Forward is exactly ``F.linear``. Saved for backward: ``k x in_features`` elements of the
@@ -46,35 +114,16 @@ class RandomizedLinear(nn.Linear):
         matmul: str = "gaussian",
         generator: Optional[torch.Generator] = None,
     ) -> None:
-        check_proj_args(proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max)
-        check_sketch(matmul)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)!r}")
+        args = (proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, matmul, generator)
+        self._check_sketch_args(*args)
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.proj_dim_ratio = proj_dim_ratio
-        self.proj_dim = proj_dim
-        self.proj_dim_min = proj_dim_min
-        self.proj_dim_max = proj_dim_max
-        self.matmul = matmul
-        self.generator = generator
+        self._set_sketch_args(*args)
 
     def forward(self, input: Tensor) -> Tensor:
-        return linear_randomized(input, self.weight, self.bias, self.proj_dim_ratio,
-                                 self.proj_dim, self.proj_dim_min, self.proj_dim_max,
-                                 self.matmul, self.generator)
+        return self._sketched(input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        parts = [super().extra_repr(), f"matmul={self.matmul!r}"]
-        if self.proj_dim is not None:
-            parts.append(f"proj_dim={self.proj_dim}")
-        else:
-            ratio = 0.5 if self.proj_dim_ratio is None else self.proj_dim_ratio
-            parts.append(f"proj_dim_ratio={ratio}")
-        if self.proj_dim_min is not None:
-            parts.append(f"proj_dim_min={self.proj_dim_min}")
-        if self.proj_dim_max is not None:
-            parts.append(f"proj_dim_max={self.proj_dim_max}")
-        return ", ".join(parts)
+        return ", ".join([super().extra_repr(), *self._sketch_repr()])
 
 
 LinearGRP = RandomizedLinear
@@ -111,7 +160,7 @@ class LinearCRS(nn.Linear):
         return f"{super().extra_repr()}, proj_dim={self.proj_dim}"
 
 
-class RandomizedConv1D(nn.Module):
+class RandomizedConv1D(_SketchSettings, nn.Module):
     """The ``transformers`` GPT-2 ``Conv1D`` (``y = x @ weight + bias`` with ``weight`` of
     shape ``(nx, nf)``) with the backward of :class:`RandomizedLinear`: same parameter names
     and shapes, so state_dicts are interchangeable; forward is exact."""
@@ -129,28 +178,17 @@ class RandomizedConv1D(nn.Module):
         matmul: str = "gaussian",
         generator: Optional[torch.Generator] = None,
     ) -> None:
-        check_proj_args(proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max)
-        check_sketch(matmul)
+        args = (proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, matmul, generator)
+        self._check_sketch_args(*args)
         super().__init__()
         self.nf, self.nx = nf, nx
         self.weight = nn.Parameter(torch.empty(nx, nf, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(nf, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=0.02)
-        self.proj_dim_ratio = proj_dim_ratio
-        self.proj_dim = proj_dim
-        self.proj_dim_min = proj_dim_min
-        self.proj_dim_max = proj_dim_max
-        self.matmul = matmul
-        self.generator = generator
+        self._set_sketch_args(*args)
 
     def forward(self, input: Tensor) -> Tensor:
-        return linear_randomized(input, self.weight.t(), self.bias, self.proj_dim_ratio,
-                                 self.proj_dim, self.proj_dim_min, self.proj_dim_max,
-                                 self.matmul, self.generator)
+        return self._sketched(input, self.weight.t(), self.bias)
 
     def extra_repr(self) -> str:
-        ratio = 0.5 if self.proj_dim_ratio is None else self.proj_dim_ratio
-        size = f"proj_dim_ratio={ratio}"
-        if self.proj_dim is not None:
-            size = f"proj_dim={self.proj_dim}"
-        return f"nf={self.nf}, nx={self.nx}, matmul={self.matmul!r}, {size}"
+        return ", ".join([f"nf={self.nf}, nx={self.nx}", *self._sketch_repr()])
