@@ -35,15 +35,18 @@ are unaffected.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from .bitpack import pack, packed_nbytes, unpack
+from .protocol import Encoded, restride, saved_stride
 
 __all__ = [
+    "GroupQuantizer",
+    "MAX_GROUP_SIZE",
     "QuantizedTensor",
     "check_quant_bits",
     "check_group_size",
@@ -53,6 +56,10 @@ __all__ = [
 ]
 
 QUANT_BITS = (1, 2, 4, 8)
+# Largest group: one group fills one Triton program (GPU kernels at larger sizes take minutes
+# to compile and spill registers), and a group's 4 bytes of metadata are already < 0.01 bit
+# per element at this size.
+MAX_GROUP_SIZE = 4096
 META_BYTES_PER_GROUP = 4  # 16-bit lo + 16-bit scale
 # Elements processed at once: bounds the float32 transients (about three 4-MiB blocks).
 _CHUNK = 1 << 20
@@ -60,8 +67,13 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
-class QuantizedTensor:
-    """A tensor quantized by :func:`quantize`; ``nbytes()`` is what it keeps in memory."""
+class QuantizedTensor(Encoded):
+    """A tensor quantized by :func:`quantize` (an :class:`~fewbit.codecs.protocol.Encoded`).
+
+    Keeps ``packed``, ``lo`` and ``scale``: ``nbytes()`` (=
+    ``quantized_nbytes(shape, bits, group_size, per_sample)``) bytes. ``decode()`` is
+    :func:`dequantize`; ``stride`` (None: contiguous) is the layout ``decode`` restores.
+    """
 
     packed: Tensor  # uint8 codes, bitpack layout, numel codes in row-major order
     lo: Tensor  # (n_groups,) float16 or bfloat16, rounded down
@@ -71,27 +83,47 @@ class QuantizedTensor:
     bits: int
     group_size: int
     per_sample: bool = True
+    stride: tuple[int, ...] | None = None
 
-    def nbytes(self) -> int:
-        """Bytes of all stored tensors (codes + lo + scale)."""
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.lo, self.scale))
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.packed, self.lo, self.scale)
 
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
+    def with_tensors(self, tensors: Sequence[Tensor]) -> QuantizedTensor:
+        packed, lo, scale = tensors
+        return replace(self, packed=packed, lo=lo, scale=scale)
+
+    def decode(self) -> Tensor:
+        return dequantize(self)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> QuantizedTensor:
         """Copy of the stored tensors on ``device`` (same metadata)."""
-        return QuantizedTensor(
-            self.packed.to(device, non_blocking=non_blocking),
-            self.lo.to(device, non_blocking=non_blocking),
-            self.scale.to(device, non_blocking=non_blocking),
-            self.shape,
-            self.dtype,
-            self.bits,
-            self.group_size,
-            self.per_sample,
-        )
+        out = super().to(device, non_blocking)
+        assert isinstance(out, QuantizedTensor)
+        return out
+
+
+@dataclass(frozen=True)
+class GroupQuantizer:
+    """Codec: :func:`quantize` with these settings; ``encode(t) -> QuantizedTensor``.
+
+    Stores ``quantized_nbytes(t.shape, bits, group_size, per_sample)`` bytes. ``generator``
+    is used only for tensors on its device type (else the global RNG of the tensor's device).
+    """
+
+    bits: int = 2
+    group_size: int = 256
+    per_sample: bool = True
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        check_quant_bits(self.bits)
+        check_group_size(self.group_size)
+
+    def encode(self, t: Tensor) -> QuantizedTensor:
+        gen = self.generator
+        if gen is not None and isinstance(t, Tensor) and gen.device.type != t.device.type:
+            gen = None
+        return quantize(t, self.bits, self.group_size, generator=gen, per_sample=self.per_sample)
 
 
 def check_quant_bits(bits: int, name: str = "bits") -> int:
@@ -104,11 +136,11 @@ def check_quant_bits(bits: int, name: str = "bits") -> int:
 
 
 def check_group_size(group_size: int, name: str = "group_size") -> int:
-    """Validate a group size (int >= 1) and return it."""
+    """Validate a group size (int in ``[1, MAX_GROUP_SIZE]``) and return it."""
     if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"{name} must be an int >= 1, got {group_size!r}")
-    if group_size < 1:
-        raise ValueError(f"{name} must be >= 1, got {group_size}")
+        raise TypeError(f"{name} must be an int in [1, {MAX_GROUP_SIZE}], got {group_size!r}")
+    if not 1 <= group_size <= MAX_GROUP_SIZE:
+        raise ValueError(f"{name} must be in [1, {MAX_GROUP_SIZE}], got {group_size}")
     return group_size
 
 
@@ -251,8 +283,9 @@ def quantize(
         lo[g0 : g0 + lo_b.numel()] = lo_b
         scale[g0 : g0 + scale_b.numel()] = scale_b
         codes[e0:e1] = c.reshape(nrows, -1)[:, :ncols].reshape(-1)
+    packed = _pack_chunked(codes, bits)
     return QuantizedTensor(
-        _pack_chunked(codes, bits), lo, scale, x.shape, x.dtype, bits, group_size, per_sample
+        packed, lo, scale, x.shape, x.dtype, bits, group_size, per_sample, saved_stride(x)
     )
 
 
@@ -288,4 +321,4 @@ def dequantize(q: QuantizedTensor) -> Tensor:
         g1 = g0 + c.shape[0]
         v = torch.addcmul(lo32[g0:g1].unsqueeze(1), c, scale32[g0:g1].unsqueeze(1))
         out[e0:e1] = v.reshape(nrows, -1)[:, :ncols].reshape(-1)
-    return out.reshape(q.shape)
+    return restride(out.reshape(q.shape), q.stride)

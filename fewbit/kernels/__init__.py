@@ -1,45 +1,39 @@
 """Fused Triton kernels for the few-bit ops (optional; pure Python, no compiled extension).
 
-``available(t)`` says whether the automatic dispatch should use them for tensor or
-device ``t``: CUDA only, triton importable, and ``FEWBIT_DISABLE_TRITON`` not ``'1'``.
-The functions themselves accept any device that Triton can run on, including CPU
-tensors under ``TRITON_INTERPRET=1`` (how the tests run them).
+Kernel or PyTorch path: one policy, :func:`use_kernel` (:mod:`fewbit.kernels.policy`): CUDA
+tensor, triton importable, ``FEWBIT_DISABLE_TRITON`` not ``'1'``; :func:`force_kernels`
+overrides it in a scoped block (tests). ``available(t)`` is the same answer under its
+published name. The functions themselves accept any device that Triton can run on,
+including CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run them).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from .policy import force_kernels, has_triton, use_kernel
+
 __all__ = [
     "activation_backward",
     "activation_forward",
     "available",
+    "force_kernels",
     "has_triton",
     "pack",
     "sketch_project",
     "unpack",
+    "use_kernel",
 ]
 
 
-def has_triton() -> bool:
-    """True when the ``triton`` package can be imported."""
-    return importlib.util.find_spec("triton") is not None
-
-
 def available(device: Union[Tensor, torch.device, str, None]) -> bool:
-    """True when the Triton kernels should handle tensors on ``device`` (a tensor or device)."""
-    if os.environ.get("FEWBIT_DISABLE_TRITON", "0") == "1":
-        return False
-    if isinstance(device, Tensor):
-        device = device.device
-    if device is None or torch.device(device).type != "cuda":
-        return False
-    return has_triton() and torch.cuda.is_available()
+    """True when the Triton kernels should handle tensors on ``device`` (a tensor or device).
+
+    The policy :func:`use_kernel` (kept under this name for existing callers)."""
+    return use_kernel(device)
 
 
 def activation_forward(
