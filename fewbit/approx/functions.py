@@ -1,9 +1,10 @@
 """The continuous activation functions that few-bit tables approximate.
 
 Each entry maps a table name to torch's own forward function and its default
-parameters. The forward pass of the few-bit ops calls exactly these functions
-(so outputs match torch bit for bit), and the table builder differentiates the
-same functions in float64, so a table is always made for the function that runs.
+parameters, derived from the activation registry (one entry per table variant). The
+forward pass of the few-bit ops calls exactly these functions (so outputs match torch
+bit for bit), and the table builder differentiates the same functions in float64, so a
+table is always made for the function that runs.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-import torch.nn.functional as F
 from torch import Tensor
+
+from .registry import table_definitions
 
 __all__ = ["ActivationDef", "CONTINUOUS", "get_definition", "normalize_params"]
 
@@ -28,36 +30,10 @@ class ActivationDef:
     defaults: Mapping[str, float] = field(default_factory=dict)
 
 
-def _def(
-    name: str, forward: Callable[[Tensor, Params], Tensor], **defaults: float
-) -> ActivationDef:
-    return ActivationDef(name, forward, dict(defaults))
-
-
 CONTINUOUS: dict[str, ActivationDef] = {
-    d.name: d
-    for d in [
-        _def("celu", lambda x, p: F.celu(x, alpha=p["alpha"]), alpha=1.0),
-        _def("elu", lambda x, p: F.elu(x, alpha=p["alpha"]), alpha=1.0),
-        _def("gelu", lambda x, p: F.gelu(x)),
-        _def("gelu_tanh", lambda x, p: F.gelu(x, approximate="tanh")),
-        _def("hardswish", lambda x, p: F.hardswish(x)),
-        _def("logsigmoid", lambda x, p: F.logsigmoid(x)),
-        _def("mish", lambda x, p: F.mish(x)),
-        _def("selu", lambda x, p: F.selu(x)),
-        _def("sigmoid", lambda x, p: x.sigmoid()),
-        _def("silu", lambda x, p: F.silu(x)),
-        _def(
-            "softplus",
-            lambda x, p: F.softplus(x, beta=p["beta"], threshold=p["threshold"]),
-            beta=1.0,
-            threshold=20.0,
-        ),
-        _def("softsign", lambda x, p: F.softsign(x)),
-        _def("tanh", lambda x, p: x.tanh()),
-        _def("tanhshrink", lambda x, p: F.tanhshrink(x)),
-    ]
+    name: ActivationDef(name, forward, defaults) for name, forward, defaults in table_definitions()
 }
+"""Every table of the activation registry (:mod:`fewbit.approx.registry`) by table name."""
 
 
 def get_definition(name: str) -> ActivationDef:

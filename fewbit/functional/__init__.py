@@ -2,6 +2,7 @@
 
 from .activations import (
     activation,
+    apply_activation,
     celu,
     elu,
     gelu,
@@ -49,6 +50,7 @@ __all__ = [
     "max_pool3d",
     "scaled_dot_product_attention",
     "activation",
+    "apply_activation",
     "celu",
     "elu",
     "gelu",

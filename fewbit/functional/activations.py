@@ -12,22 +12,29 @@ Stored for backward (when a gradient is needed):
 * continuous functions: a ``bits``-bit code (default 3), ``ceil(n*bits/8)``
   bytes; the gradient is ``grad * q(x)`` with q the optimal piecewise-constant
   derivative table of :mod:`fewbit.approx` (or a custom ``table``).
+
+Each function is a thin explicit signature over :func:`apply_activation` and its entry in
+the activation registry (:mod:`fewbit.approx.registry`), which holds torch's op, the
+arguments' defaults, the mask or table, and the fused-kernel id. Integer inputs are
+accepted exactly where torch's op accepts them (relu returns integers; tanh and sigmoid
+promote to float), and autocast casts inputs as it does for torch's op.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..approx import Table, get_definition, get_table, normalize_params
+from ..approx import Table, get_table, normalize_params
+from ..approx.registry import ACTIVATIONS, Activation
 from ..codecs.bitpack import check_bits
 from .fewbit_fn import ActivationSpec, apply_fewbit, check_floating, private_autograd
 
 __all__ = [
     "activation",
+    "apply_activation",
     "celu",
     "elu",
     "gelu",
@@ -77,24 +84,47 @@ def activation(input: Tensor, forward: Callable[[Tensor], Tensor], table: TableL
     return apply_fewbit(input, ActivationSpec(forward, table.encode, table.levels, table.bits))
 
 
-def _continuous(
+def apply_activation(
+    entry: Activation,
     input: Tensor,
-    name: str,
-    bits: int,
-    table: TableLike | None,
-    params: Mapping[str, float] | None = None,
+    args: Mapping[str, Any] | None = None,
+    bits: Optional[int] = None,
+    table: TableLike | None = None,
 ) -> Tensor:
+    """Run registry ``entry`` on ``input`` with torch's arguments ``args`` (defaults filled in).
+
+    Floating inputs: torch's output; when a gradient is needed, saves a 1-bit mask (mask
+    entries; ``bits`` accepted and ignored) or a ``bits``-bit code (table entries; default
+    3; ``table`` replaces the optimal table). Integer inputs, where torch's op takes them:
+    torch's op as is (nothing to save: integers have no gradient). Under autocast the input
+    is first cast as autocast casts it for torch's op. Variants without a fused kernel run
+    the PyTorch path on every device.
+    """
+    params = entry.params(args)
+    if isinstance(input, Tensor) and entry.integer_inputs and _is_integer(input):
+        return entry.forward(input, params)
     check_floating(input)
-    check_bits(bits)
-    full = normalize_params(name, params)
-    definition = get_definition(name)
+    check_bits(entry.default_bits if bits is None else bits)
+    if table is not None and entry.is_mask:
+        raise TypeError(f"{entry.name} saves an exact mask: it takes no table")
+    input = _autocast_input(input, entry, params)
+    variant = entry.variant(params)
+    kernel = variant.name if variant.kernel is not None else None
+    numeric = entry.float_params(params)
 
     def forward(x: Tensor) -> Tensor:
-        return definition.forward(x, full)
+        return entry.forward(x, params)
 
+    if entry.mask is not None:
+        mask = entry.mask
+        spec = ActivationSpec(
+            forward, lambda x: mask.inside(x, numeric), mask.levels(numeric), 1, kernel, numeric
+        )
+        return apply_fewbit(input, spec)
+    width = entry.default_bits if bits is None else bits
     if table is None:
         with private_autograd():  # a first use of new parameters builds a table
-            chosen = get_table(name, bits, full)
+            chosen = get_table(variant.name, width, numeric)
     else:
         chosen = _as_table(table)
     spec = ActivationSpec(
@@ -102,92 +132,64 @@ def _continuous(
         chosen.encode,
         chosen.levels,
         chosen.bits,
-        kernel=name,
-        params=full,
+        kernel=kernel,
+        params=normalize_params(variant.name, numeric),
         boundaries=chosen.boundaries,
         symmetric=chosen.symmetric,
     )
     return apply_fewbit(input, spec)
 
 
-def _masked(
-    input: Tensor,
-    forward: Callable[[Tensor], Tensor],
-    mask: Callable[[Tensor], Tensor],
-    levels: tuple[float, float],
-    bits: int,
-    kernel: str,
-    params: Mapping[str, float] | None = None,
-) -> Tensor:
-    """Exact 1-bit save: the derivative is levels[1] where mask(x), else levels[0]."""
-    check_floating(input)
-    check_bits(bits)
-    spec = ActivationSpec(forward, mask, levels, 1, kernel=kernel, params=dict(params or {}))
-    return apply_fewbit(input, spec)
+def _is_integer(t: Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex())
 
 
-# --- piecewise-linear functions: exact 1-bit masks -------------------------------------------
+def _autocast_input(x: Tensor, entry: Activation, params: Mapping[str, Any]) -> Tensor:
+    """x cast to the dtype autocast gives torch's op (CUDA runs softplus in float32, say);
+    x itself when autocast is off or keeps its dtype. The probe is torch's op on 0 elements."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x
+    with torch.no_grad():
+        dtype = entry.forward(x.new_empty(0), params).dtype
+    return x if dtype == x.dtype else x.to(dtype)
 
 
-def _widened(x: Tensor) -> Tensor:
-    """x in float32 when it is fp16/bf16: torch's threshold and hardtanh backward compare
-    half-precision inputs against the parameter in float (hardshrink/softshrink compare in
-    the input's dtype)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+# --- piecewise-linear functions: exact 1-bit masks (bits accepted, 1..8, and ignored) ----------
+
+_A = ACTIVATIONS
 
 
-def relu(input: Tensor, inplace: bool = False, *, bits: int = 1) -> Tensor:
+def relu(input: Tensor, inplace: bool = False, *, bits: Optional[int] = None) -> Tensor:
     """ReLU; saves a 1-bit mask (x > 0)."""
-    return _masked(input, F.relu, lambda x: x > 0, (0.0, 1.0), bits, "relu")
+    return apply_activation(_A["relu"], input, {}, bits)
 
 
 def leaky_relu(
-    input: Tensor, negative_slope: float = 0.01, inplace: bool = False, *, bits: int = 1
+    input: Tensor,
+    negative_slope: float = 0.01,
+    inplace: bool = False,
+    *,
+    bits: Optional[int] = None,
 ) -> Tensor:
     """LeakyReLU; saves a 1-bit mask (x > 0)."""
-    slope = float(negative_slope)
-    params = {"negative_slope": slope}
-    return _masked(
-        input,
-        lambda x: F.leaky_relu(x, slope),
-        lambda x: x > 0,
-        (slope, 1.0),
-        bits,
-        "leaky_relu",
-        params,
-    )
+    return apply_activation(_A["leaky_relu"], input, {"negative_slope": negative_slope}, bits)
 
 
 def threshold(
-    input: Tensor, threshold: float, value: float, inplace: bool = False, *, bits: int = 1
+    input: Tensor,
+    threshold: float,
+    value: float,
+    inplace: bool = False,
+    *,
+    bits: Optional[int] = None,
 ) -> Tensor:
     """Threshold; saves a 1-bit mask (x > threshold)."""
-    th, val = float(threshold), float(value)
-    return _masked(
-        input,
-        lambda x: F.threshold(x, th, val),
-        lambda x: _widened(x) > th,
-        (0.0, 1.0),
-        bits,
-        "threshold",
-        {"threshold": th, "value": val},
-    )
+    return apply_activation(_A["threshold"], input, {"threshold": threshold, "value": value}, bits)
 
 
-# torch's hardsigmoid backward multiplies by the float32 constant 1.0f/6.0f in every dtype.
-_ONE_SIXTH_F32 = float(torch.tensor(1.0 / 6.0, dtype=torch.float32).item())
-
-
-def hardsigmoid(input: Tensor, inplace: bool = False, *, bits: int = 1) -> Tensor:
+def hardsigmoid(input: Tensor, inplace: bool = False, *, bits: Optional[int] = None) -> Tensor:
     """Hardsigmoid; saves a 1-bit mask (-3 < x < 3), derivative 1/6 inside."""
-    return _masked(
-        input,
-        F.hardsigmoid,
-        lambda x: (x > -3.0) & (x < 3.0),
-        (0.0, _ONE_SIXTH_F32),
-        bits,
-        "hardsigmoid",
-    )
+    return apply_activation(_A["hardsigmoid"], input, {}, bits)
 
 
 def hardtanh(
@@ -196,63 +198,28 @@ def hardtanh(
     max_val: float = 1.0,
     inplace: bool = False,
     *,
-    bits: int = 1,
+    bits: Optional[int] = None,
 ) -> Tensor:
     """Hardtanh; saves a 1-bit mask (min_val < x < max_val)."""
-    lo, hi = float(min_val), float(max_val)
-    if lo > hi:
-        raise ValueError(f"max_val ({hi}) cannot be lower than min_val ({lo})")
-
-    def inside(x: Tensor) -> Tensor:
-        wide = _widened(x)
-        return (wide > lo) & (wide < hi)
-
-    params = {"min_val": lo, "max_val": hi}
-    return _masked(
-        input, lambda x: F.hardtanh(x, lo, hi), inside, (0.0, 1.0), bits, "hardtanh", params
-    )
+    return apply_activation(_A["hardtanh"], input, {"min_val": min_val, "max_val": max_val}, bits)
 
 
-def relu6(input: Tensor, inplace: bool = False, *, bits: int = 1) -> Tensor:
+def relu6(input: Tensor, inplace: bool = False, *, bits: Optional[int] = None) -> Tensor:
     """ReLU6; saves a 1-bit mask (0 < x < 6)."""
-    return _masked(input, F.relu6, lambda x: (x > 0.0) & (x < 6.0), (0.0, 1.0), bits, "relu6")
+    return apply_activation(_A["relu6"], input, {}, bits)
 
 
-def _shrink_mask(lambd: float) -> Callable[[Tensor], Tensor]:
-    return lambda x: (x < -lambd) | (x > lambd)
-
-
-def hardshrink(input: Tensor, lambd: float = 0.5, *, bits: int = 1) -> Tensor:
+def hardshrink(input: Tensor, lambd: float = 0.5, *, bits: Optional[int] = None) -> Tensor:
     """Hardshrink; saves a 1-bit mask (|x| > lambd)."""
-    lam = float(lambd)
-    return _masked(
-        input,
-        lambda x: F.hardshrink(x, lam),
-        _shrink_mask(lam),
-        (0.0, 1.0),
-        bits,
-        "hardshrink",
-        {"lambd": lam},
-    )
+    return apply_activation(_A["hardshrink"], input, {"lambd": lambd}, bits)
 
 
-def softshrink(input: Tensor, lambd: float = 0.5, *, bits: int = 1) -> Tensor:
+def softshrink(input: Tensor, lambd: float = 0.5, *, bits: Optional[int] = None) -> Tensor:
     """Softshrink; saves a 1-bit mask (|x| > lambd)."""
-    lam = float(lambd)
-    if lam < 0:
-        raise ValueError(f"lambd must be >= 0, got {lam}")
-    return _masked(
-        input,
-        lambda x: F.softshrink(x, lam),
-        _shrink_mask(lam),
-        (0.0, 1.0),
-        bits,
-        "softshrink",
-        {"lambd": lam},
-    )
+    return apply_activation(_A["softshrink"], input, {"lambd": lambd}, bits)
 
 
-# --- continuous functions: optimal few-bit derivative tables ---------------------------------
+# --- continuous functions: optimal few-bit derivative tables (bits default 3) ----------------
 
 
 def celu(
@@ -260,11 +227,11 @@ def celu(
     alpha: float = 1.0,
     inplace: bool = False,
     *,
-    bits: int = 3,
+    bits: Optional[int] = None,
     table: TableLike | None = None,
 ) -> Tensor:
     """CELU; saves a ``bits``-bit code (table made for this alpha)."""
-    return _continuous(input, "celu", bits, table, {"alpha": alpha})
+    return apply_activation(_A["celu"], input, {"alpha": alpha}, bits, table)
 
 
 def elu(
@@ -272,59 +239,78 @@ def elu(
     alpha: float = 1.0,
     inplace: bool = False,
     *,
-    bits: int = 3,
+    bits: Optional[int] = None,
     table: TableLike | None = None,
 ) -> Tensor:
     """ELU; saves a ``bits``-bit code (table made for this alpha)."""
-    return _continuous(input, "elu", bits, table, {"alpha": alpha})
+    return apply_activation(_A["elu"], input, {"alpha": alpha}, bits, table)
 
 
 def gelu(
-    input: Tensor, approximate: str = "none", *, bits: int = 3, table: TableLike | None = None
+    input: Tensor,
+    approximate: str = "none",
+    *,
+    bits: Optional[int] = None,
+    table: TableLike | None = None,
 ) -> Tensor:
     """GELU (``approximate`` 'none' or 'tanh'); saves a ``bits``-bit code."""
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    name = "gelu" if approximate == "none" else "gelu_tanh"
-    return _continuous(input, name, bits, table)
+    return apply_activation(_A["gelu"], input, {"approximate": approximate}, bits, table)
 
 
 def hardswish(
-    input: Tensor, inplace: bool = False, *, bits: int = 3, table: TableLike | None = None
+    input: Tensor,
+    inplace: bool = False,
+    *,
+    bits: Optional[int] = None,
+    table: TableLike | None = None,
 ) -> Tensor:
     """Hardswish; saves a ``bits``-bit code."""
-    return _continuous(input, "hardswish", bits, table)
+    return apply_activation(_A["hardswish"], input, {}, bits, table)
 
 
-def logsigmoid(input: Tensor, *, bits: int = 3, table: TableLike | None = None) -> Tensor:
+def logsigmoid(
+    input: Tensor, *, bits: Optional[int] = None, table: TableLike | None = None
+) -> Tensor:
     """LogSigmoid; saves a ``bits``-bit code."""
-    return _continuous(input, "logsigmoid", bits, table)
+    return apply_activation(_A["logsigmoid"], input, {}, bits, table)
 
 
 def mish(
-    input: Tensor, inplace: bool = False, *, bits: int = 3, table: TableLike | None = None
+    input: Tensor,
+    inplace: bool = False,
+    *,
+    bits: Optional[int] = None,
+    table: TableLike | None = None,
 ) -> Tensor:
     """Mish; saves a ``bits``-bit code."""
-    return _continuous(input, "mish", bits, table)
+    return apply_activation(_A["mish"], input, {}, bits, table)
 
 
 def selu(
-    input: Tensor, inplace: bool = False, *, bits: int = 3, table: TableLike | None = None
+    input: Tensor,
+    inplace: bool = False,
+    *,
+    bits: Optional[int] = None,
+    table: TableLike | None = None,
 ) -> Tensor:
     """SELU; saves a ``bits``-bit code."""
-    return _continuous(input, "selu", bits, table)
+    return apply_activation(_A["selu"], input, {}, bits, table)
 
 
-def sigmoid(input: Tensor, *, bits: int = 3, table: TableLike | None = None) -> Tensor:
+def sigmoid(input: Tensor, *, bits: Optional[int] = None, table: TableLike | None = None) -> Tensor:
     """Sigmoid; saves a ``bits``-bit code of |x| (the derivative is even)."""
-    return _continuous(input, "sigmoid", bits, table)
+    return apply_activation(_A["sigmoid"], input, {}, bits, table)
 
 
 def silu(
-    input: Tensor, inplace: bool = False, *, bits: int = 3, table: TableLike | None = None
+    input: Tensor,
+    inplace: bool = False,
+    *,
+    bits: Optional[int] = None,
+    table: TableLike | None = None,
 ) -> Tensor:
     """SiLU / swish; saves a ``bits``-bit code."""
-    return _continuous(input, "silu", bits, table)
+    return apply_activation(_A["silu"], input, {}, bits, table)
 
 
 def softplus(
@@ -332,23 +318,28 @@ def softplus(
     beta: float = 1.0,
     threshold: float = 20.0,
     *,
-    bits: int = 3,
+    bits: Optional[int] = None,
     table: TableLike | None = None,
 ) -> Tensor:
     """Softplus; saves a ``bits``-bit code (table made for this beta and threshold)."""
-    return _continuous(input, "softplus", bits, table, {"beta": beta, "threshold": threshold})
+    args = {"beta": beta, "threshold": threshold}
+    return apply_activation(_A["softplus"], input, args, bits, table)
 
 
-def softsign(input: Tensor, *, bits: int = 3, table: TableLike | None = None) -> Tensor:
+def softsign(
+    input: Tensor, *, bits: Optional[int] = None, table: TableLike | None = None
+) -> Tensor:
     """Softsign; saves a ``bits``-bit code of |x| (the derivative is even)."""
-    return _continuous(input, "softsign", bits, table)
+    return apply_activation(_A["softsign"], input, {}, bits, table)
 
 
-def tanh(input: Tensor, *, bits: int = 3, table: TableLike | None = None) -> Tensor:
+def tanh(input: Tensor, *, bits: Optional[int] = None, table: TableLike | None = None) -> Tensor:
     """Tanh; saves a ``bits``-bit code of |x| (the derivative is even)."""
-    return _continuous(input, "tanh", bits, table)
+    return apply_activation(_A["tanh"], input, {}, bits, table)
 
 
-def tanhshrink(input: Tensor, *, bits: int = 3, table: TableLike | None = None) -> Tensor:
+def tanhshrink(
+    input: Tensor, *, bits: Optional[int] = None, table: TableLike | None = None
+) -> Tensor:
     """Tanhshrink; saves a ``bits``-bit code of |x| (the derivative is even)."""
-    return _continuous(input, "tanhshrink", bits, table)
+    return apply_activation(_A["tanhshrink"], input, {}, bits, table)

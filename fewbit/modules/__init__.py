@@ -24,6 +24,7 @@ from .activations import (
     Tanh,
     Tanhshrink,
     Threshold,
+    conversion_map,
 )
 from .linear import LinearCRS, LinearGRP, RandomizedConv1D, RandomizedLinear
 
@@ -55,4 +56,5 @@ __all__ = [
     "Tanh",
     "Tanhshrink",
     "Threshold",
+    "conversion_map",
 ]

@@ -13,6 +13,7 @@ from torch import Tensor
 
 import fewbit.functional as FB
 from fewbit.approx import Table, get_table
+from fewbit.approx.registry import ACTIVATIONS, Activation, Variant
 
 
 @dataclass
@@ -23,39 +24,35 @@ class Case:
     kwargs: dict = field(default_factory=dict)
     table: str | None = None  # table name for continuous functions; None for exact masks
     kinks: tuple[float, ...] = ()
+    entry: Activation | None = None
 
     def __repr__(self) -> str:
         return self.name
 
 
-PIECEWISE = [
-    Case("relu", FB.relu, F.relu, kinks=(0.0,)),
-    # Parameters not representable in fp16/bf16 check torch's comparison convention at the kinks.
-    Case("leaky_relu", FB.leaky_relu, F.leaky_relu, {"negative_slope": 0.3}, kinks=(0.0,)),
-    Case("threshold", FB.threshold, F.threshold, {"threshold": 0.3, "value": -2.0}, kinks=(0.3,)),
-    Case("hardsigmoid", FB.hardsigmoid, F.hardsigmoid, kinks=(-3.0, 3.0)),
-    Case("hardtanh", FB.hardtanh, F.hardtanh, {"min_val": -0.3, "max_val": 0.7}, kinks=(-0.3, 0.7)),
-    Case("relu6", FB.relu6, F.relu6, kinks=(0.0, 6.0)),
-    Case("hardshrink", FB.hardshrink, F.hardshrink, {"lambd": 0.3}, kinks=(-0.3, 0.3)),
-    Case("softshrink", FB.softshrink, F.softshrink, {"lambd": 0.3}, kinks=(-0.3, 0.3)),
-]
+def _torch_module_fn(entry: Activation) -> Callable[..., Tensor]:
+    """torch's own module as a function: ``fn(x, **kwargs) = torch_module(**kwargs)(x)``."""
 
-CONTINUOUS = [
-    Case("celu", FB.celu, F.celu, {"alpha": 1.0}, "celu"),
-    Case("elu", FB.elu, F.elu, {"alpha": 1.0}, "elu"),
-    Case("gelu", FB.gelu, F.gelu, {}, "gelu"),
-    Case("gelu_tanh", FB.gelu, F.gelu, {"approximate": "tanh"}, "gelu_tanh"),
-    Case("hardswish", FB.hardswish, F.hardswish, {}, "hardswish"),
-    Case("logsigmoid", FB.logsigmoid, F.logsigmoid, {}, "logsigmoid"),
-    Case("mish", FB.mish, F.mish, {}, "mish"),
-    Case("selu", FB.selu, F.selu, {}, "selu"),
-    Case("sigmoid", FB.sigmoid, torch.sigmoid, {}, "sigmoid"),
-    Case("silu", FB.silu, F.silu, {}, "silu"),
-    Case("softplus", FB.softplus, F.softplus, {"beta": 1.0, "threshold": 20.0}, "softplus"),
-    Case("softsign", FB.softsign, F.softsign, {}, "softsign"),
-    Case("tanh", FB.tanh, torch.tanh, {}, "tanh"),
-    Case("tanhshrink", FB.tanhshrink, F.tanhshrink, {}, "tanhshrink"),
-]
+    def run(x: Tensor, **kwargs: object) -> Tensor:
+        return entry.torch_module(**kwargs)(x)
+
+    return run
+
+
+def _case(entry: Activation, variant: Variant) -> Case:
+    """One registry variant with its example arguments (non-default mask parameters, not
+    representable in fp16/bf16, check torch's comparison convention at the kinks)."""
+    kwargs = {**entry.example, **variant.when}
+    fewbit_fn = getattr(FB, entry.name)
+    torch_fn = _torch_module_fn(entry)
+    if entry.mask is None:
+        return Case(variant.name, fewbit_fn, torch_fn, kwargs, variant.name, entry=entry)
+    kinks = entry.mask.kinks(entry.float_params(entry.params(kwargs)))
+    return Case(variant.name, fewbit_fn, torch_fn, kwargs, None, kinks, entry)
+
+
+PIECEWISE = [_case(e, v) for e in ACTIVATIONS.values() if e.is_mask for v in e.variants]
+CONTINUOUS = [_case(e, v) for e in ACTIVATIONS.values() if not e.is_mask for v in e.variants]
 
 ALL = PIECEWISE + CONTINUOUS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -246,10 +243,44 @@ def test_bits_wrong_type(bits: object) -> None:
         FB.gelu(torch.randn(4), bits=bits)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("case", ALL, ids=repr)
+INTEGER_REJECTED = [c for c in ALL if c.entry is not None and not c.entry.integer_inputs]
+INTEGER_ACCEPTED = [c for c in ALL if c.entry is not None and c.entry.integer_inputs]
+INTEGER_DTYPES = [torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool]
+
+
+@pytest.mark.parametrize("case", INTEGER_REJECTED, ids=repr)
 def test_non_floating_input_rejected(case: Case) -> None:
+    """Ops torch rejects on integer tensors: a TypeError naming the argument."""
     with pytest.raises(TypeError, match="input"):
         case.fewbit(torch.arange(4), **case.kwargs)
+
+
+def test_integer_cases_cover_the_functions_torch_accepts() -> None:
+    """relu, threshold, hardtanh, relu6 keep integers; sigmoid, softsign, tanh, tanhshrink
+    promote (issue 11 item 10); torch rejects integers for every other activation."""
+    assert {c.name for c in INTEGER_ACCEPTED} == {
+        "relu", "threshold", "hardtanh", "relu6", "sigmoid", "softsign", "tanh", "tanhshrink"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", INTEGER_ACCEPTED, ids=repr)
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES, ids=str)
+def test_integer_input_follows_torch(case: Case, dtype: torch.dtype) -> None:
+    """Integer tensors: torch's output and dtype exactly, or torch's own error."""
+    x = torch.tensor([-3, -1, 0, 1, 2, 7]).to(dtype)
+    try:
+        ref = case.torch_fn(x, **case.kwargs)
+    except Exception as error:  # noqa: BLE001 - the error type torch raises is the reference
+        with pytest.raises(type(error)):
+            case.fewbit(x, **case.kwargs)
+        return
+    y = case.fewbit(x, **case.kwargs)
+    assert y.dtype == ref.dtype and torch.equal(y, ref)
+
+
+def test_complex_input_rejected() -> None:
+    with pytest.raises(TypeError, match="input"):
+        FB.tanh(torch.randn(3, dtype=torch.complex64))
 
 
 def test_bad_tables_rejected() -> None:
