@@ -18,7 +18,15 @@ are kept alive elsewhere anyway, so compressing them would only add memory.
 A tensor saved by several ops (same storage, offset, shape, stride and version) is quantized
 once while it is alive; the dequantized copy is shared between unpacks while one is alive.
 Unpacked tensors do not require grad: double backward through compressed tensors is not
-supported.
+supported. An unpacked tensor has the saved tensor's shape, dtype and strides (compiled
+backward graphs check strides): a tensor whose elements fill its storage densely in some
+order (contiguous, channels-last, transposed) is quantized in that memory order with no copy
+and comes back as a view with the same strides; any other layout (a slice, an ``expand``) is
+quantized from a contiguous copy and copied back into its strides (overlapping ones:
+contiguous).
+
+The object :func:`compress` returns is a reusable, re-entrant context manager, like torch's
+own ``saved_tensors_hooks``: ``c = compress(bits=2); with c: ...; with c: ...``.
 
 Offload (``offload=True``, ActNN level L4): the quantized form of a CUDA tensor is copied to
 pinned CPU memory (non-blocking, on the current stream) in ``pack``. In ``unpack`` it is
@@ -39,13 +47,8 @@ import torch
 from torch import Tensor, nn
 
 from .codecs.marks import is_compact
-from .codecs.quantize import (
-    QuantizedTensor,
-    check_group_size,
-    check_quant_bits,
-    dequantize,
-    quantize,
-)
+from .codecs.protocol import Encoded, stored_nbytes
+from .codecs.quantize import GroupQuantizer, check_group_size, check_quant_bits
 
 __all__ = [
     "CompressStats",
@@ -134,20 +137,65 @@ class PrefetchSchedule:
 class _Packed:
     """What the pack hook returns for a compressed tensor."""
 
-    __slots__ = ("q", "device", "index", "d2h", "fetched", "h2d", "cache", "__weakref__")
+    __slots__ = (
+        "q", "device", "layout", "index", "d2h", "fetched", "h2d", "cache", "__weakref__"
+    )
 
-    def __init__(self, q: QuantizedTensor, device: torch.device) -> None:
+    def __init__(self, q: Encoded, device: torch.device, layout: _Layout | None) -> None:
         self.q = q  # on ``device``, or in pinned CPU memory when offloaded
         self.device = device
+        self.layout = layout  # how to give the decoded tensor the saved tensor's strides
         self.index = -1  # position in the offload schedule, -1 if not offloaded
         self.d2h: Any = None  # CUDA event: offload copy finished
-        self.fetched: QuantizedTensor | None = None  # prefetched copy on ``device``
+        self.fetched: Encoded | None = None  # prefetched copy on ``device``
         self.h2d: Any = None  # CUDA event: prefetch copy finished
         self.cache: weakref.ref[Tensor] | None = None  # live dequantized tensor
 
 
 def _storage_ptr(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A saved tensor that is dense in memory but not contiguous (transposed, channels-last).
+
+    It is encoded as ``t.permute(order)`` (contiguous: no copy) and decoded as a view with
+    the saved ``shape`` and ``stride`` (no copy). Other non-contiguous tensors are left to the
+    codec, whose ``decode`` restores their strides with one copy.
+    """
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    order: tuple[int, ...]
+
+
+def _dense_order(t: Tensor) -> tuple[int, ...] | None:
+    """Dims of ``t`` from outermost to innermost in memory if ``t`` is dense, else None."""
+    order = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), -d)))
+    expected = 1
+    for d in reversed(order):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return None
+        expected *= t.shape[d]
+    return order
+
+
+def _layout_of(t: Tensor) -> tuple[_Layout | None, Tensor]:
+    """(layout to restore or None; the tensor to encode)."""
+    if t.is_contiguous():
+        return None, t
+    order = _dense_order(t)
+    if order is None:
+        return None, t
+    return _Layout(tuple(t.shape), tuple(t.stride()), order), t.permute(order)
+
+
+def _restore(out: Tensor, layout: _Layout | None) -> Tensor:
+    """The decoded tensor ``out`` in the saved tensor's shape and strides (a view)."""
+    if layout is None:
+        return out
+    return out.as_strided(layout.shape, layout.stride)
 
 
 SavedObserver = Callable[[object, int], None]
@@ -174,13 +222,16 @@ def report_saved(kept: object) -> None:
     """Tell the active observers (:func:`observe_saved`) what a pack hook keeps."""
     observers = _OBSERVERS.get()
     if observers:
-        nbytes = SavedTensorCompressor.stored_nbytes(kept)
+        nbytes = stored_nbytes(kept.q if isinstance(kept, _Packed) else kept)
         for callback in observers:
             callback(kept, nbytes)
 
 
 class SavedTensorCompressor:
     """Pack/unpack hooks that quantize saved tensors to ``bits`` bits (see module docs).
+
+    Also a reusable, re-entrant context manager installing those hooks
+    (``with comp: ...``, any number of times, nested or not).
 
     ``generator`` (optional) supplies the rounding noise for tensors on its device;
     tensors on other devices use their device's global RNG. ``prefetch`` is the number of
@@ -200,6 +251,7 @@ class SavedTensorCompressor:
     ) -> None:
         self.bits = check_quant_bits(bits)
         self.group_size = check_group_size(group_size)
+        self.codec = GroupQuantizer(self.bits, self.group_size, generator=generator)
         if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
             raise ValueError(f"min_numel must be an int >= 0, got {min_numel!r}")
         self.min_numel = min_numel
@@ -211,6 +263,16 @@ class SavedTensorCompressor:
         self._schedule = PrefetchSchedule(prefetch, self._start_fetch)
         self._side_streams: dict[torch.device, Any] = {}
         self.stats = CompressStats()
+        # torch's hooks object may be entered several times (it pushes on each enter and
+        # pops on each exit), so this compressor is a reusable, re-entrant context manager.
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def __enter__(self) -> SavedTensorCompressor:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
 
     # ---- pack -------------------------------------------------------------------------
     def _passes(self, t: Tensor) -> bool:
@@ -242,10 +304,8 @@ class SavedTensorCompressor:
                 self.stats.deduplicated += 1
                 report_saved(rec)
                 return rec
-        gen = self.generator
-        if gen is not None and gen.device.type != t.device.type:
-            gen = None
-        rec = _Packed(quantize(t, self.bits, self.group_size, generator=gen), t.device)
+        layout, dense = _layout_of(t)
+        rec = _Packed(self.codec.encode(dense), t.device, layout)
         self.stats.compressed += 1
         self.stats.bytes_before += t.numel() * t.element_size()
         self.stats.bytes_after += rec.q.nbytes()
@@ -258,27 +318,25 @@ class SavedTensorCompressor:
 
     @staticmethod
     def stored_nbytes(packed: object) -> int:
-        """Bytes held by one result of :meth:`pack` (the tensor itself, or its codec)."""
+        """Bytes held by one result of :meth:`pack`
+        (:func:`fewbit.codecs.protocol.stored_nbytes` of the tensor or of its encoding)."""
         if isinstance(packed, Tensor):
-            return packed.numel() * packed.element_size()
+            return stored_nbytes(packed)
         if isinstance(packed, _Packed):
-            return packed.q.nbytes()
+            return stored_nbytes(packed.q)
         raise TypeError(f"unexpected packed object {type(packed).__name__}")
 
     def _drop(self, key: tuple[Any, ...]) -> None:
         self._seen.pop(key, None)
 
     def _offload(self, rec: _Packed) -> None:
-        q = rec.q
         host = [
             torch.empty(s.shape, dtype=s.dtype, pin_memory=True).copy_(s, non_blocking=True)
-            for s in (q.packed, q.lo, q.scale)
+            for s in rec.q.tensors()
         ]
         rec.d2h = torch.cuda.Event()
         rec.d2h.record(torch.cuda.current_stream(rec.device))
-        rec.q = QuantizedTensor(
-            host[0], host[1], host[2], q.shape, q.dtype, q.bits, q.group_size, q.per_sample
-        )
+        rec.q = rec.q.with_tensors(host)
         rec.index = self._schedule.add(rec)
 
     # ---- unpack -----------------------------------------------------------------------
@@ -296,7 +354,7 @@ class SavedTensorCompressor:
             rec.h2d = torch.cuda.Event()
             rec.h2d.record(side)
 
-    def _on_device(self, rec: _Packed) -> QuantizedTensor:
+    def _on_device(self, rec: _Packed) -> Encoded:
         if rec.index < 0:
             return rec.q
         self._schedule.request(rec.index)
@@ -304,7 +362,7 @@ class SavedTensorCompressor:
         assert q is not None and event is not None
         current = torch.cuda.current_stream(rec.device)
         current.wait_event(event)
-        for s in (q.packed, q.lo, q.scale):
+        for s in q.tensors():
             s.record_stream(current)  # allocated on the side stream, used on this one
         rec.fetched = None
         self._schedule.done(rec.index)
@@ -318,12 +376,11 @@ class SavedTensorCompressor:
             raise TypeError(f"unexpected packed object {type(packed).__name__}")
         out = packed.cache() if packed.cache is not None else None
         if out is None:
-            out = dequantize(self._on_device(packed))
+            out = _restore(self._on_device(packed).decode(), packed.layout)
             packed.cache = weakref.ref(out)
         return out
 
 
-@contextmanager
 def compress(
     bits: int = 2,
     *,
@@ -331,19 +388,20 @@ def compress(
     min_numel: int = 4096,
     model: nn.Module | None = None,
     offload: bool = False,
-) -> Iterator[SavedTensorCompressor]:
-    """Quantize every saved floating activation to ``bits`` bits inside the block.
+) -> SavedTensorCompressor:
+    """Quantize every saved floating activation to ``bits`` bits inside ``with`` blocks.
 
-    ``model`` (optional): its parameters and buffers are never compressed (matched by
-    storage). Yields the :class:`SavedTensorCompressor`, whose ``stats`` report the bytes
-    saved. Backward may run after the block ends.
+    Returns a :class:`SavedTensorCompressor`: a reusable, re-entrant context manager
+    (``c = compress(bits=2); with c: ...; with c: ...``) whose ``stats`` report the bytes
+    saved. ``model`` (optional ``nn.Module``): its parameters and buffers are never
+    compressed (matched by storage). Backward may run after the block ends.
     """
     skip: list[Tensor] = []
     if model is not None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
         skip.extend(model.parameters())
         skip.extend(model.buffers())
-    comp = SavedTensorCompressor(
+    return SavedTensorCompressor(
         bits, group_size=group_size, min_numel=min_numel, skip=skip, offload=offload
     )
-    with torch.autograd.graph.saved_tensors_hooks(comp.pack, comp.unpack):
-        yield comp

@@ -351,3 +351,68 @@ def test_generic_mode_does_not_keep_the_original_alive() -> None:
     assert ref() is None
     y.sum().backward()
     assert x.grad is not None
+
+
+# ---- context object, arguments, layouts ---------------------------------------------------
+def test_context_object_is_reusable_and_reentrant() -> None:
+    """Issue 11 item 7: ``c = compress(); with c: ...; with c: ...`` (and nested) works."""
+    c = compress(bits=2, min_numel=16)
+    x = torch.randn(64, 64, requires_grad=True)
+    outs = []
+    for _ in range(2):
+        with c as inner:
+            assert inner is c
+            outs.append(F.gelu(x))
+    with c:
+        with c:
+            outs.append(F.gelu(x))
+        outs.append(F.gelu(x))  # still inside the outer block
+    outs.append(F.gelu(x))  # outside: nothing compressed
+    assert c.stats.compressed + c.stats.deduplicated == 4
+    sum(o.sum() for o in outs).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_model_argument_must_be_a_module() -> None:
+    with pytest.raises(TypeError, match="model"):
+        compress(model=5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x.t(),  # dense, transposed: quantized in memory order, no copy
+        lambda x: x.view(8, 16, 64).permute(2, 0, 1),
+        lambda x: x[:, ::2],  # not dense: copied back into the same strides
+        lambda x: x[:1].expand(128, 64),  # overlapping: contiguous
+    ],
+    ids=["transposed", "permuted", "sliced", "expanded"],
+)
+def test_unpack_keeps_shape_and_strides(make) -> None:
+    """Compiled backward graphs assert the strides of saved tensors (issue 11 item 2)."""
+    comp = SavedTensorCompressor(8)
+    t = make(torch.randn(128, 64))
+    out = comp.unpack(comp.pack(t))
+    assert out.shape == t.shape
+    if t.stride()[0] != 0:
+        assert out.stride() == t.stride()
+    # 8 bits: the error per element is below one step, range / 255 of its group.
+    assert (out - t).abs().max() <= (t.max() - t.min()) / 255 * 1.01
+
+
+def test_compiled_multihead_attention_backward() -> None:
+    """Issue 11 item 2: compiled nn.MultiheadAttention under compress(bits=2) matches eager."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True)
+    x = torch.randn(4, 16, 32, requires_grad=True)
+    compiled = torch.compile(mha, backend="aot_eager")
+    grads = []
+    for fn in (mha, compiled):
+        with compress(bits=8, min_numel=16):
+            out, _ = fn(x, x, x)
+        (gx,) = torch.autograd.grad(out.square().sum(), x)
+        grads.append(gx)
+    # Both use 8-bit saved tensors with independent rounding noise: each saved element is off
+    # by at most one step (range/255 of its group), so gradients agree to a few percent.
+    rel = (grads[0] - grads[1]).norm() / grads[0].norm()
+    assert rel < 0.05
