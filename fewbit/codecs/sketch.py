@@ -11,6 +11,12 @@ Kinds (``matmul`` names, as in the published FewBit API):
   estimate of ``A^T B``: ``(||A||_F^2 ||B||_F^2 + ||A^T B||_F^2) / k``.
 * ``'rademacher'``: i.i.d. ``+-1/sqrt(k)`` entries. Variance: the Gaussian one minus
   ``2/k * sum_n ||a_n||^2 ||b_n||^2`` (never larger than Gaussian).
+* ``'countsketch'`` (sparse sign sketch, Clarkson-Woodruff): each of the ``N`` rows goes to
+  one of ``k`` buckets, drawn uniformly, with a random sign; ``S^T X`` is the ``k`` signed
+  bucket sums, one pass over ``X`` (``O(N f)``, no ``k x N`` matrix, no product): ``N``
+  random bucket indices and signs instead of ``k N`` random numbers. ``E[S S^T] = I`` with no
+  scaling, and its off-diagonal entries have the second moments of the Rademacher ones
+  (variance ``1/k``, uncorrelated), so its variance is exactly Rademacher's.
 * ``'sampling'``: ``k`` rows drawn with replacement with probability ``p_n`` proportional
   to ``||x_n||`` and reweighted by ``1/(k p_n)``; no dense random matrix at all. Variance:
   ``(sum_n ||a_n||^2 ||b_n||^2 / p_n - ||A^T B||_F^2) / k``; it needs the ``k`` row indices
@@ -26,18 +32,23 @@ from torch import Tensor
 
 __all__ = [
     "DENSE_SKETCHES",
+    "SEEDED_SKETCHES",
     "SKETCHES",
+    "count_sketch",
     "check_sketch",
     "chunk_rows",
     "draw_by_norm",
     "draw_seed",
+    "draw_seed_tensor",
+    "rank_salt",
     "importance_rows",
     "project",
     "sketch_dim",
 ]
 
 DENSE_SKETCHES = ("gaussian", "rademacher")
-SKETCHES = DENSE_SKETCHES + ("sampling",)
+SEEDED_SKETCHES = DENSE_SKETCHES + ("countsketch",)  # regenerated from a seed in backward
+SKETCHES = SEEDED_SKETCHES + ("sampling",)
 
 _SEED_HIGH = 2**62
 
@@ -49,15 +60,58 @@ def check_sketch(matmul: str) -> str:
     return matmul
 
 
-def draw_seed(generator: Optional[torch.Generator] = None) -> int:
-    """A fresh 62-bit seed: from ``generator`` if given (the global RNG is then untouched),
-    else from torch's global CPU generator (reproducible under ``torch.manual_seed``)."""
-    if generator is None:
-        return int(torch.randint(0, _SEED_HIGH, (1,)).item())
-    if not isinstance(generator, torch.Generator):
+def _distributed_rank() -> int:
+    """This process's rank in torch.distributed's default group, 0 when not initialized."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return 0
+
+
+def rank_salt(rank: int) -> int:
+    """A 62-bit constant XOR-ed into every seed drawn on ``rank``: 0 for rank 0, else the
+    splitmix64 finalizer of ``rank`` (distinct ranks give unrelated salts, low bits included:
+    torch's CPU generator uses only a seed's low 32 bits)."""
+    if rank == 0:
+        return 0
+    z = (rank * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & (_SEED_HIGH - 1)
+
+
+def _check_generator(generator: Optional[torch.Generator]) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)!r}")
-    value = torch.randint(0, _SEED_HIGH, (1,), generator=generator, device=generator.device)
-    return int(value.item())
+
+
+def draw_seed_tensor(
+    generator: Optional[torch.Generator] = None, independent_ranks: bool = True
+) -> Tensor:
+    """A fresh 62-bit seed as a 1-element int64 tensor (on ``generator``'s device, else the
+    CPU), drawn from ``generator`` if given (the global RNG is then untouched), else from
+    torch's global CPU generator (reproducible under ``torch.manual_seed``).
+
+    With ``torch.distributed`` initialized and ``independent_ranks``, the rank's
+    :func:`rank_salt` is XOR-ed in, so ranks seeded alike still draw independent sketches
+    (rank 0 and single-process runs are unchanged). A tensor, not an int: it is saved for
+    backward with the sketch it made (a checkpoint recompute supplies both together), and
+    drawing it needs no ``.item()`` (traceable by ``torch.compile`` when ``generator`` is None).
+    """
+    _check_generator(generator)
+    if generator is None:
+        seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64)
+    else:
+        seed = torch.randint(0, _SEED_HIGH, (1,), generator=generator, dtype=torch.int64,
+                             device=generator.device)
+    salt = rank_salt(_distributed_rank()) if independent_ranks else 0
+    return seed.bitwise_xor_(salt) if salt else seed
+
+
+def draw_seed(generator: Optional[torch.Generator] = None, independent_ranks: bool = True) -> int:
+    """:func:`draw_seed_tensor` as a Python int (reads the tensor: a device sync for a CUDA
+    ``generator``)."""
+    return int(draw_seed_tensor(generator, independent_ranks).item())
 
 
 def _check_positive_int(value: Optional[int], name: str) -> None:
@@ -128,23 +182,62 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def project(mat: Tensor, k: int, seed: int, kind: str, chunk: int) -> Tensor:
-    """``R^T mat`` for the unscaled dense random ``n x k`` matrix ``R`` of ``kind``
-    (``'gaussian'``: N(0, 1) entries, ``'rademacher'``: +-1), regenerated from ``seed``.
+    """``R^T mat`` for the unscaled random ``n x k`` matrix ``R`` of ``kind``
+    (``'gaussian'``: N(0, 1) entries, ``'rademacher'``: +-1, ``'countsketch'``: one +-1 per
+    row, see :func:`count_sketch`), regenerated from ``seed``.
 
-    ``R`` is produced ``chunk`` rows at a time, so the extra memory is one ``k x chunk``
-    block plus a ``k x f`` accumulator (float32 for half inputs). The same ``(n, k, seed,
-    kind, chunk)`` gives the same ``R`` on the same device. Returns float32 for half inputs.
+    Dense kinds: ``R`` is produced ``chunk`` rows at a time, so the extra memory is one
+    ``k x chunk`` block plus a ``k x f`` accumulator (float32 for half inputs). The same
+    ``(n, k, seed, kind, chunk)`` gives the same ``R`` on the same device. Returns float32 for
+    half inputs. Meta tensors give a meta result of that shape (nothing is drawn).
     """
+    if kind == "countsketch":
+        return count_sketch(mat, k, seed, chunk)
     n, f = mat.shape
     work = _work_dtype(mat.dtype)
+    out = torch.zeros(k, f, dtype=work, device=mat.device)
+    if mat.is_meta:
+        return out
     gen = torch.Generator(device=mat.device)
     gen.manual_seed(seed)
-    out = torch.zeros(k, f, dtype=work, device=mat.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         block = _random_block(kind, (k, stop - start), gen, work, mat.device)
         out.addmm_(block, mat[start:stop].to(work))
     return out
+
+
+def count_sketch(mat: Tensor, k: int, seed: int, chunk: int) -> Tensor:
+    """``R^T mat`` (``k x f``) for the CountSketch matrix ``R`` (``n x k``, row ``i`` zero but
+    for ``sign_i`` at column ``bucket_i``), regenerated from ``seed``: ``n`` bucket indices in
+    ``[0, k)`` and ``n`` signs from a generator seeded with ``seed``.
+
+    Cost: one pass over ``mat`` (``index_add_`` of each row into its signed bucket) and ``2 n``
+    random integers. Extra memory: a ``2k x f`` accumulator (positive and negative buckets,
+    float32 for half inputs), ``16 n`` bytes of indices and, for half inputs, a float32 copy of
+    ``chunk`` rows at a time. Returns float32 for half inputs.
+    """
+    n, f = mat.shape
+    work = _work_dtype(mat.dtype)
+    if mat.is_meta:
+        return torch.zeros(k, f, dtype=work, device=mat.device)
+    index = _count_sketch_index(n, k, seed, mat.device)
+    both = torch.zeros(2 * k, f, dtype=work, device=mat.device)
+    step = n if work == mat.dtype else max(1, chunk)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        both.index_add_(0, index[start:stop], mat[start:stop].to(work))
+    return both[:k] - both[k:]
+
+
+def _count_sketch_index(n: int, k: int, seed: int, device: torch.device) -> Tensor:
+    """Row ``i``'s slot in the ``2k`` signed buckets: ``bucket_i`` (sign +1) or
+    ``k + bucket_i`` (sign -1)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    bucket = torch.randint(0, k, (n,), generator=gen, device=device)
+    negative = torch.randint(0, 2, (n,), generator=gen, device=device)
+    return bucket.add_(negative.mul_(k))
 
 
 def _random_block(kind: str, shape: tuple[int, int], gen: torch.Generator,
@@ -160,12 +253,14 @@ def _random_block(kind: str, shape: tuple[int, int], gen: torch.Generator,
 def draw_by_norm(norms: Tensor, draws: int, seed: int) -> tuple[Tensor, Tensor]:
     """``draws`` indices drawn with replacement with probability proportional to ``norms``
     (uniform when they are all zero or not finite), from a generator seeded with ``seed``;
-    returns the indices and the float64 probabilities of every index."""
+    returns the indices and the float64 probabilities of every index. No host sync: the
+    fallback to uniform is a ``torch.where``."""
     total = norms.sum()
-    if not bool(total > 0) or not bool(torch.isfinite(total)):
-        norms = torch.ones_like(norms)
-        total = norms.sum()
-    probs = norms / total
+    usable = (total > 0) & torch.isfinite(total)
+    norms = torch.where(usable, norms, torch.ones_like(norms))
+    probs = norms / norms.sum()
+    if norms.is_meta:
+        return torch.zeros(draws, dtype=torch.int64, device=norms.device), probs
     cdf = torch.cumsum(probs, 0)
     gen = torch.Generator(device=norms.device)
     gen.manual_seed(seed)

@@ -29,6 +29,7 @@ class _SketchSettings:
     proj_dim_max: Optional[int]
     matmul: str
     generator: Optional[torch.Generator]
+    independent_ranks: bool
 
     @staticmethod
     def _check_sketch_args(
@@ -52,6 +53,7 @@ class _SketchSettings:
         proj_dim_max: Optional[int],
         matmul: str,
         generator: Optional[torch.Generator],
+        independent_ranks: bool = True,
     ) -> None:
         self.proj_dim_ratio = proj_dim_ratio
         self.proj_dim = proj_dim
@@ -59,6 +61,7 @@ class _SketchSettings:
         self.proj_dim_max = proj_dim_max
         self.matmul = matmul
         self.generator = generator
+        self.independent_ranks = bool(independent_ranks)
 
     def _sketched(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return linear_randomized(
@@ -71,6 +74,7 @@ class _SketchSettings:
             self.proj_dim_max,
             self.matmul,
             self.generator,
+            independent_ranks=self.independent_ranks,
         )
 
     def _sketch_repr(self) -> list[str]:
@@ -84,6 +88,8 @@ class _SketchSettings:
             parts.append(f"proj_dim_min={self.proj_dim_min}")
         if self.proj_dim_max is not None:
             parts.append(f"proj_dim_max={self.proj_dim_max}")
+        if not self.independent_ranks:
+            parts.append("independent_ranks=False")
         return parts
 
 
@@ -96,8 +102,13 @@ class RandomizedLinear(_SketchSettings, nn.Linear):
     0.5), clamped to ``[proj_dim_min, proj_dim_max]`` and ``[1, N]``; the input itself when
     ``k = N``. Input and bias gradients are exact; the weight gradient is unbiased with the
     variance of the chosen ``matmul`` (``'gaussian'``, ``'rademacher'``, ``'sampling'``;
-    see :mod:`fewbit.codecs.sketch`). A new projection is drawn for every call, from
-    ``generator`` when given (the global RNG is then never touched).
+    see :mod:`fewbit.codecs.sketch`; ``'countsketch'`` has Rademacher's variance at a
+    fraction of the cost). A new projection is drawn for every call that will compute a
+    weight gradient, from ``generator`` when given (the global RNG is then never touched),
+    with the distributed rank folded in (``independent_ranks``, see
+    :func:`fewbit.functional.linear.linear_randomized`). Under ``no_grad``,
+    ``inference_mode`` or with a frozen weight the layer is exactly ``nn.Linear`` (no draw,
+    no sketch); ``eval()`` changes nothing, as for ``nn.Linear``.
     """
 
     def __init__(
@@ -113,11 +124,12 @@ class RandomizedLinear(_SketchSettings, nn.Linear):
         proj_dim_max: Optional[int] = None,
         matmul: str = "gaussian",
         generator: Optional[torch.Generator] = None,
+        independent_ranks: bool = True,
     ) -> None:
         args = (proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, matmul, generator)
         self._check_sketch_args(*args)
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._set_sketch_args(*args)
+        self._set_sketch_args(*args, independent_ranks)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._sketched(input, self.weight, self.bias)
@@ -135,7 +147,8 @@ class LinearCRS(nn.Linear):
     Forward is exactly ``F.linear``. ``proj_dim`` draws (default ``in_features // 2``) pick
     input features with probability proportional to their norm over the batch; saved: the
     ``N x c`` distinct drawn columns (``c <= proj_dim``), reweighted, and ``8 c`` bytes of
-    indices. Weight gradient unbiased, input and bias gradients exact.
+    indices. Weight gradient unbiased, input and bias gradients exact. Under ``no_grad``,
+    ``inference_mode`` or with a frozen weight it is exactly ``nn.Linear``.
     """
 
     def __init__(
@@ -147,14 +160,17 @@ class LinearCRS(nn.Linear):
         dtype: Optional[torch.dtype] = None,
         proj_dim: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        independent_ranks: bool = True,
     ) -> None:
         check_proj_args(None, proj_dim, None, None)
         super().__init__(in_features, out_features, bias, device, dtype)
         self.proj_dim = proj_dim if proj_dim is not None else max(1, in_features // 2)
         self.generator = generator
+        self.independent_ranks = bool(independent_ranks)
 
     def forward(self, input: Tensor) -> Tensor:
-        return linear_crs(input, self.weight, self.bias, self.proj_dim, self.generator)
+        return linear_crs(input, self.weight, self.bias, self.proj_dim, self.generator,
+                          independent_ranks=self.independent_ranks)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, proj_dim={self.proj_dim}"
@@ -177,6 +193,7 @@ class RandomizedConv1D(_SketchSettings, nn.Module):
         proj_dim_max: Optional[int] = None,
         matmul: str = "gaussian",
         generator: Optional[torch.Generator] = None,
+        independent_ranks: bool = True,
     ) -> None:
         args = (proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max, matmul, generator)
         self._check_sketch_args(*args)
@@ -185,7 +202,7 @@ class RandomizedConv1D(_SketchSettings, nn.Module):
         self.weight = nn.Parameter(torch.empty(nx, nf, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(nf, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=0.02)
-        self._set_sketch_args(*args)
+        self._set_sketch_args(*args, independent_ranks)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._sketched(input, self.weight.t(), self.bias)

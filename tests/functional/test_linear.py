@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from fewbit.functional.linear import linear_crs, linear_grp, linear_randomized
 from fewbit.util import memory_usage_hooks
 
-KINDS = ["gaussian", "rademacher", "sampling"]
+KINDS = ["gaussian", "rademacher", "countsketch", "sampling"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
@@ -61,7 +61,7 @@ def _variance(kind: str, g: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tens
     gn, xn = g.norm(dim=1) ** 2, x.norm(dim=1) ** 2
     if kind == "gaussian":
         v = g.norm() ** 2 * x.norm() ** 2 + gx.norm() ** 2
-    elif kind == "rademacher":
+    elif kind in ("rademacher", "countsketch"):  # same second moments of S S^T
         v = g.norm() ** 2 * x.norm() ** 2 + gx.norm() ** 2 - 2 * (gn * xn).sum()
     else:
         p = x.norm(dim=1) / x.norm(dim=1).sum()
@@ -130,7 +130,8 @@ def test_saved_bytes(kind: str, dtype: torch.dtype) -> None:
     with memory_usage_hooks(exclude=[w, b]) as usage:
         y = linear_randomized(x, w, b, proj_dim=k, matmul=kind)
     size = torch.finfo(dtype).bits // 8
-    index_bytes = 8 * k if kind == "sampling" else 0  # int64 row indices
+    # int64 row indices, else the int64 seed key that regenerates S in backward
+    index_bytes = 8 * k if kind == "sampling" else 8
     assert usage.unique == k * fin * size + index_bytes
     assert usage.unique < n * fin * size  # a fraction k/N of the input
     y.sum().backward()  # what was saved suffices for backward
@@ -180,7 +181,7 @@ def test_tiny_batch_gives_one_row_not_zero_gradient() -> None:
     w = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     with memory_usage_hooks(exclude=[w]) as usage:
         y = linear_randomized(x, w, proj_dim_ratio=0.1)  # round(0.2) = 0 -> k = 1
-    assert usage.unique == 1 * 8 * 8
+    assert usage.unique == 1 * 8 * 8 + 8  # one float64 row and the int64 seed key
     (gw,) = _grads(y, torch.ones_like(y), w)
     assert gw.abs().sum() > 0
 
@@ -206,7 +207,7 @@ def test_linear_grp_published_positional_order() -> None:
     with memory_usage_hooks(exclude=[w]) as usage:
         # (input, weight, bias, proj_dim_ratio, proj_dim, proj_dim_max, proj_dim_min, ...)
         linear_grp(x, w, None, 0.5, None, 6, 2, "rademacher")
-    assert usage.unique == 6 * 8 * 4  # ratio 0.5 -> 20, clamped to proj_dim_max = 6
+    assert usage.unique == 6 * 8 * 4 + 8  # ratio 0.5 -> 20, clamped to 6; + the seed key
 
 
 @pytest.mark.parametrize(

@@ -156,7 +156,8 @@ def test_kernel_path_uses_one_matrix_forward_and_backward(kind: str) -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = fl._linear_sketched(x, w, b, k, kind, SEED, True)
     assert torch.equal(y, torch.nn.functional.linear(x, w, b))
-    assert sorted(tuple(t.shape) for t in saved) == [(fout, fin), (k, fin)]  # W and S^T X / k
+    # W, S^T X / k and the int64 seed key
+    assert sorted(tuple(t.shape) for t in saved) == [(1,), (fout, fin), (k, fin)]
     g = torch.randn_like(y)
     gx, gw, gb = torch.autograd.grad(y, (x, w, b), g)
     assert torch.equal(gx, g @ w) and torch.equal(gb, g.sum((0, 1)))
