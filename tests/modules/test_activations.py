@@ -8,31 +8,24 @@ from torch import nn
 
 import fewbit
 import fewbit.modules as M
+from fewbit.approx.registry import ACTIVATIONS
 
+# One case per registry variant with its example arguments, plus non-default parameters of the
+# table activations (their tables are built on demand).
 PAIRS = [
-    (M.ReLU, nn.ReLU, {}),
-    (M.LeakyReLU, nn.LeakyReLU, {"negative_slope": 0.1}),
-    (M.Threshold, nn.Threshold, {"threshold": 0.1, "value": 20.0}),
-    (M.Hardsigmoid, nn.Hardsigmoid, {}),
-    (M.Hardtanh, nn.Hardtanh, {"min_val": -2.0, "max_val": 2.0}),
-    (M.ReLU6, nn.ReLU6, {}),
-    (M.Hardshrink, nn.Hardshrink, {"lambd": 0.3}),
-    (M.Softshrink, nn.Softshrink, {"lambd": 0.3}),
+    (M.activations.few_bit_class(e.name), e.torch_module, {**e.example, **v.when})
+    for e in ACTIVATIONS.values()
+    for v in e.variants
+] + [
     (M.CELU, nn.CELU, {"alpha": 1.5}),
     (M.ELU, nn.ELU, {"alpha": 2.0}),
-    (M.GELU, nn.GELU, {}),
-    (M.GELU, nn.GELU, {"approximate": "tanh"}),
-    (M.Hardswish, nn.Hardswish, {}),
-    (M.LogSigmoid, nn.LogSigmoid, {}),
-    (M.Mish, nn.Mish, {}),
-    (M.SELU, nn.SELU, {}),
-    (M.Sigmoid, nn.Sigmoid, {}),
-    (M.SiLU, nn.SiLU, {}),
     (M.Softplus, nn.Softplus, {"beta": 2.0, "threshold": 10.0}),
-    (M.Softsign, nn.Softsign, {}),
-    (M.Tanh, nn.Tanh, {}),
-    (M.Tanhshrink, nn.Tanhshrink, {}),
 ]
+
+
+def test_pairs_cover_the_registry() -> None:
+    assert {p[0] for p in PAIRS} == {getattr(M, e.module) for e in ACTIVATIONS.values()}
+    assert len(PAIRS) == 25  # 21 activations, GELU twice, three non-default parameter sets
 
 
 def _id(p: tuple) -> str:
@@ -101,3 +94,26 @@ def test_bits_used_by_forward() -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fewbit.GELU(bits=2)(x)
     assert sum(sizes) == 64 * 2 // 8
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_integer_inputs_follow_torch(dtype: torch.dtype) -> None:
+    """fewbit.ReLU keeps integers, Tanh and Sigmoid promote to float, as torch.nn does."""
+    x = torch.tensor([-2, 0, 3, 5]).to(dtype)
+    for ours, ref in [(fewbit.ReLU(), nn.ReLU()), (fewbit.Tanh(), nn.Tanh()),
+                      (fewbit.Sigmoid(), nn.Sigmoid()), (fewbit.ReLU6(), nn.ReLU6())]:
+        y, r = ours(x), ref(x)
+        assert y.dtype == r.dtype and torch.equal(y, r)
+
+
+def test_bf16_autocast_output_dtype_equals_torch() -> None:
+    x = torch.randn(8, 16, requires_grad=True)
+    lin = nn.Linear(16, 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        h = lin(x)  # bf16 under autocast
+        y, r = fewbit.GELU()(h), nn.GELU()(h.detach())
+        y32, r32 = fewbit.SiLU()(x), nn.SiLU()(x.detach())
+    assert y.dtype == r.dtype == torch.bfloat16 and torch.equal(y.detach(), r)
+    assert y32.dtype == r32.dtype == torch.float32 and torch.equal(y32.detach(), r32)
+    (y.float().sum() + y32.sum()).backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
