@@ -1,4 +1,9 @@
-"""``python -m fewbit.approx``: regenerate the shipped tables, or ``--report`` their errors."""
+"""``python -m fewbit.approx``: regenerate the shipped tables, or ``--report`` their errors.
+
+The functions are the table variants of the activation registry
+(:mod:`fewbit.approx.registry`); ``--missing`` builds only those the data file lacks (what a
+newly registered activation needs).
+"""
 
 from __future__ import annotations
 
@@ -26,7 +31,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--report", action="store_true", help="print a markdown table of errors for b=1..4"
     )
+    parser.add_argument(
+        "--missing",
+        action="store_true",
+        help="only the registry's functions that the data file lacks (default functions)",
+    )
     args = parser.parse_args(argv)
+    if args.missing and args.functions is None:
+        args.functions = missing_functions(args.out)
+        if not args.functions:
+            print(f"{args.out} has every registered function")
+            return 0
     if args.report:
         print(report(args.functions, args.bits or (1, 2, 3, 4)))
         return 0
@@ -46,6 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     print(f"wrote {args.out} ({len(fresh['functions'])} functions) in {elapsed:.1f} s")
     return 0
+
+
+def missing_functions(path: str) -> list[str]:
+    """Table functions of the registry that the data file at ``path`` does not hold."""
+    data = read_data(path) or {"functions": {}}
+    return [name for name in sorted(CONTINUOUS) if name not in data["functions"]]
 
 
 if __name__ == "__main__":

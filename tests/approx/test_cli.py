@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fewbit.approx import store
-from fewbit.approx.__main__ import main
+from fewbit.approx.__main__ import main, missing_functions
 
 
 def test_regenerate_subset_into_new_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -38,3 +38,15 @@ def test_report_is_markdown(capsys: pytest.CaptureFixture) -> None:
 
 def test_shipped_file_is_compact() -> None:
     assert store.DATA_FILE.stat().st_size < 1_000_000
+
+
+def test_missing_builds_only_functions_the_file_lacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "tables.json"
+    assert main(["--out", str(out), "--functions", "tanh", "--bits", "1"]) == 0
+    lacking = [n for n in sorted(store.CONTINUOUS) if n != "tanh"]
+    assert missing_functions(str(out)) == lacking
+    assert missing_functions(str(store.DATA_FILE)) == []  # the shipped file is complete
+    assert main(["--out", str(store.DATA_FILE), "--missing"]) == 0  # nothing to build
+    assert "has every registered function" in capsys.readouterr().out
