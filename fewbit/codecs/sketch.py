@@ -40,6 +40,7 @@ __all__ = [
     "draw_by_norm",
     "draw_seed",
     "draw_seed_tensor",
+    "mix62",
     "rank_salt",
     "importance_rows",
     "project",
@@ -68,16 +69,20 @@ def _distributed_rank() -> int:
     return 0
 
 
-def rank_salt(rank: int) -> int:
-    """A 62-bit constant XOR-ed into every seed drawn on ``rank``: 0 for rank 0, else the
-    splitmix64 finalizer of ``rank`` (distinct ranks give unrelated salts, low bits included:
-    torch's CPU generator uses only a seed's low 32 bits)."""
-    if rank == 0:
-        return 0
-    z = (rank * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+def mix62(value: int) -> int:
+    """The splitmix64 finalizer of ``value``, cut to 62 bits: unrelated outputs (low bits
+    included) for neighbouring inputs; ``mix62(0) == 0``."""
+    z = (value * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (z ^ (z >> 31)) & (_SEED_HIGH - 1)
+
+
+def rank_salt(rank: int) -> int:
+    """A 62-bit constant XOR-ed into every seed drawn on ``rank``: 0 for rank 0, else
+    :func:`mix62` of ``rank`` (distinct ranks give unrelated salts, low bits included:
+    torch's CPU generator uses only a seed's low 32 bits)."""
+    return mix62(rank)
 
 
 def _check_generator(generator: Optional[torch.Generator]) -> None:

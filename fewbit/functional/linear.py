@@ -27,6 +27,7 @@ from ..codecs.sketch import (
     draw_seed,
     draw_seed_tensor,
     importance_rows,
+    mix62,
     project,
     sketch_dim,
 )
@@ -54,6 +55,23 @@ def _weight_grad_wanted(weight: Tensor) -> bool:
     work; a frozen weight with an input that requires grad gets ``F.linear``'s exact input
     gradient). Module ``train()``/``eval()`` plays no part, as for ``nn.Linear``."""
     return torch.is_grad_enabled() and weight.requires_grad
+
+
+def _draw_key(generator: Optional[torch.Generator], independent_ranks: bool) -> Tensor:
+    """A fresh seed tensor (:func:`fewbit.codecs.sketch.draw_seed_tensor`), salted with the
+    id of the backward pass when drawn inside one.
+
+    Why: a reentrant checkpoint (``use_reentrant=True``) runs its forward under no_grad (no
+    draw here) and recomputes it in backward between a save and a restore of the RNG state
+    (``preserve_rng_state=True``): without the salt every step would draw the same seed
+    whenever nothing else in the region draws random numbers, and the weight gradient's
+    errors would repeat from step to step. The id (torch's graph-task counter) is new for
+    every ``backward()``, so steps differ; runs of the same program stay reproducible."""
+    seed = draw_seed_tensor(generator, independent_ranks)
+    if torch.compiler.is_compiling():
+        return seed
+    task = torch._C._current_graph_task_id()  # -1 outside backward
+    return seed if task < 0 else seed.bitwise_xor_(mix62(task + 1))
 
 
 # The sketches run as torch.library custom ops: opaque to torch.compile (no graph break, no
@@ -284,7 +302,7 @@ def linear_randomized(
         return F.linear(input, weight, bias)
     n = input.numel() // max(input.shape[-1], 1) if input.dim() > 0 else 1
     k = sketch_dim(n, proj_dim_ratio, proj_dim, proj_dim_min, proj_dim_max)
-    seed = draw_seed_tensor(generator, independent_ranks) if k < n else None
+    seed = _draw_key(generator, independent_ranks) if k < n else None
     return _apply(_RandomizedLinear, input, weight, bias, seed, k, matmul, None)
 
 
