@@ -3,12 +3,31 @@
 Every quantizing layer subclasses its ``torch.nn`` counterpart (same constructor arguments plus
 keywords ``bits`` (1, 2, 4 or 8; default 2) and ``group_size`` (default 256), same
 ``state_dict`` keys, ``isinstance`` still true) and runs torch's own ``forward`` inside
-``torch.autograd.graph.saved_tensors_hooks``. The hooks replace the layer's saved activation
-(its input; the output for :class:`Softmax`) by a :class:`fewbit.codecs.quantize.QuantizedTensor`
-of ``quantized_nbytes(shape, bits, group_size)`` bytes; parameters, buffers and small
-statistics (BatchNorm/LayerNorm means and inverse std) pass through. So the forward output is
-bitwise torch's and backward is torch's own math on the dequantized input, whose error per
-element is below one quantization step ``range / (2**bits - 1)`` of its group and unbiased.
+``torch.autograd.graph.saved_tensors_hooks``. One table, :data:`LAYERS`, says for each class
+what it saves compressed (its input, or every floating activation for :class:`Softmax`, which
+saves its output) and how autocast treats its op; the classes themselves are one line each.
+The hooks replace the saved activation by a
+:class:`fewbit.codecs.quantize.GroupQuantizer` encoding of
+``quantized_nbytes(shape, bits, group_size)`` bytes; parameters, buffers and small statistics
+(BatchNorm/LayerNorm means and inverse std) pass through. So the forward output is bitwise
+torch's and backward is torch's own math on the decoded input, whose error per element is
+below one quantization step ``range / (2**bits - 1)`` of its group and unbiased.
+
+Composes with the rest of PyTorch as the layer it replaces:
+
+* ``torch.no_grad``/``inference_mode``/frozen parameters: plain torch forward, nothing extra.
+* ``torch.autocast``: the input is cast as autocast casts it for the layer's op (linear and
+  convolutions to the autocast dtype; on CUDA LayerNorm/GroupNorm/Softmax to float32), so
+  the tensor the op saves is the one compressed, and outputs have torch's dtype.
+* Activation checkpointing (``torch.utils.checkpoint`` with ``use_reentrant=False``, or
+  :func:`fewbit.checkpoint.checkpoint`): inside a checkpoint region the layer runs as plain
+  torch (the region keeps nothing for backward; compressing would make the checkpoint keep
+  the compressed data and quantize again in the recompute).
+
+Passes over the saved activation (CPU, eager), forward: one encode
+(:class:`~fewbit.codecs.quantize.GroupQuantizer`); backward: one decode. Channels-last and
+other dense non-contiguous inputs are encoded in their memory order and decoded as a view with
+the saved strides (no copies).
 
 Lossless layers (bitwise torch's gradients): :class:`Dropout` (1-bit mask), :class:`MaxPool1d`
 /2d/3d (in-window argmax offsets), :class:`AvgPool1d`/2d/3d (nothing saved), and
@@ -17,23 +36,26 @@ Lossless layers (bitwise torch's gradients): :class:`Dropout` (1-bit mask), :cla
 ActNN's names are aliases: ``QConv2d is Conv2d`` etc.
 
 Measuring: :class:`SavedBytesMeter` counts, per forward, the bytes held for backward by these
-layers (their quantized records) plus every other saved tensor (deduplicated by storage,
-parameters excluded).
+layers (their encodings, counted once by :func:`fewbit.codecs.protocol.stored_nbytes`) plus
+every other saved tensor (deduplicated by storage, parameters excluded).
 """
 
 from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..codecs.marks import is_compact
+from ..codecs.protocol import stored_nbytes
 from ..codecs.quantize import QuantizedTensor, check_group_size, check_quant_bits
-from ..compress import SavedTensorCompressor, report_saved
-from ..functional import compressed as FC
+from ..compress import SavedTensorCompressor, observe_saved, report_saved
+from ..functional import pooling as FP
+from ..functional.dropout import dropout
+from ..functional.saved import checkpoint_active
 from .activations import ReLU
 
 __all__ = [
@@ -52,7 +74,9 @@ __all__ = [
     "ConvTranspose3d",
     "Dropout",
     "GroupNorm",
+    "LAYERS",
     "LayerNorm",
+    "LayerSpec",
     "LayerStats",
     "Linear",
     "MaxPool1d",
@@ -92,21 +116,22 @@ __all__ = [
 
 
 def saved_nbytes(obj: object) -> int:
-    """Bytes held by a packed saved-tensor record (QuantizedTensor, tensor, nested records)."""
-    if isinstance(obj, QuantizedTensor):
-        return obj.nbytes()
-    if isinstance(obj, Tensor):
-        return obj.numel() * obj.element_size()
+    """Bytes held by what a pack hook kept: :func:`fewbit.codecs.protocol.stored_nbytes` of
+    tensors, encodings and (nested) tuples/lists of them, or of a ``fewbit.compress`` record."""
     if isinstance(obj, (tuple, list)):
         return sum(saved_nbytes(o) for o in obj)
-    q = getattr(obj, "q", None)  # fewbit.compress record
-    if isinstance(q, QuantizedTensor):
-        return q.nbytes()
-    return 0
+    if isinstance(obj, Tensor) or obj is None:
+        return stored_nbytes(obj)
+    q = getattr(obj, "q", obj)  # a fewbit.compress record holds its encoding in ``q``
+    try:
+        return stored_nbytes(q)
+    except TypeError:
+        return 0
 
 
-_METER: contextvars.ContextVar[Optional[SavedBytesMeter]] = contextvars.ContextVar(
-    "fewbit_saved_bytes_meter", default=None
+# The compressed layer whose forward is running (read by SavedBytesMeter for ``per_layer``).
+_LAYER: contextvars.ContextVar[Optional[nn.Module]] = contextvars.ContextVar(
+    "fewbit_compressed_layer", default=None
 )
 
 
@@ -115,8 +140,10 @@ class SavedBytesMeter:
 
     Plain saved tensors are counted once per storage (``untyped_storage().nbytes()``),
     ``nn.Parameter`` objects, views of them and anything sharing storage with ``exclude``
-    are not counted. Records packed by compressed layers are counted at their
-    :func:`saved_nbytes`. ``per_layer`` maps each compressed layer's ``id`` to its bytes.
+    are not counted. What fewbit's own pack hooks keep (compressed layers, ``fewbit.compress``)
+    reaches it through :func:`fewbit.compress.observe_saved`, each kept object once, counted by
+    :func:`fewbit.codecs.protocol.stored_nbytes`. ``per_layer`` maps each compressed layer's
+    ``id`` to the bytes of its encodings.
     """
 
     def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
@@ -125,8 +152,8 @@ class SavedBytesMeter:
         self.plain_bytes = 0
         self.compressed_bytes = 0
         self.per_layer: Dict[int, int] = {}
-        self._hooks: Optional[torch.autograd.graph.saved_tensors_hooks] = None
-        self._token: Optional[contextvars.Token[Optional[SavedBytesMeter]]] = None
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._observing: list[Any] = []
 
     @property
     def total(self) -> int:
@@ -147,24 +174,25 @@ class SavedBytesMeter:
     def _unpack(t: Tensor) -> Tensor:
         return t
 
-    def add_record(self, layer: nn.Module, obj: object) -> None:
-        """Called by compressed layers for each record they pack."""
-        n = saved_nbytes(obj)
-        self.compressed_bytes += n
-        self.per_layer[id(layer)] = self.per_layer.get(id(layer), 0) + n
+    def _observe(self, kept: object, nbytes: int) -> None:
+        if isinstance(kept, Tensor):
+            self._pack(kept)
+            return
+        self.compressed_bytes += nbytes
+        layer = _LAYER.get()
+        if layer is not None:
+            self.per_layer[id(layer)] = self.per_layer.get(id(layer), 0) + nbytes
 
     def __enter__(self) -> SavedBytesMeter:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
-        self._token = _METER.set(self)
+        observing = observe_saved(self._observe)
+        observing.__enter__()
+        self._observing.append(observing)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._hooks is not None and self._token is not None
-        _METER.reset(self._token)
+        self._observing.pop().__exit__(*exc)
         self._hooks.__exit__(*exc)
-        self._hooks = None
-        self._token = None
 
 
 # --- sensitivity statistics (used by fewbit.levels for adaptive bits) ----------------------------
@@ -204,6 +232,23 @@ class LayerStats:
 
 # --- the quantizing layers ----------------------------------------------------------------------
 
+#: How autocast treats a layer's op: cast to autocast's dtype on every device ("low":
+#: linear, convolutions), to float32 on CUDA only ("fp32_cuda": layer_norm, group_norm and
+#: softmax are in CUDA autocast's float32 list, in no CPU list), or not at all ("none").
+AUTOCAST_POLICIES = ("low", "fp32_cuda", "none")
+
+
+def _autocast_input(input: Tensor, policy: str) -> Tensor:
+    """``input`` cast as autocast would cast it for an op of ``policy`` (see the table)."""
+    device_type = input.device.type
+    if policy == "none" or not torch.is_autocast_enabled(device_type):
+        return input
+    if not input.is_floating_point() or input.dtype == torch.float64:
+        return input  # autocast leaves these alone
+    if policy == "low":
+        return input.to(torch.get_autocast_dtype(device_type))
+    return input.float() if device_type == "cuda" else input
+
 
 class _LayerSaver:
     """Pack/unpack hooks of one forward call of a compressed layer."""
@@ -211,7 +256,6 @@ class _LayerSaver:
     def __init__(self, layer: CompressedLayer, target: Optional[Tensor]) -> None:
         self.layer = layer
         self.stats = layer.fewbit_stats
-        self.meter = _METER.get()
         tensors = list(layer.parameters(recurse=False)) + list(layer.buffers(recurse=False))
         self.skip = {t.untyped_storage().data_ptr() for t in tensors if t.numel() > 0}
         # Only the storage of ``target`` (the input) is quantized; None: every activation.
@@ -224,7 +268,6 @@ class _LayerSaver:
             skip=tensors,
             offload=layer.offload,
         )
-        self.formats: Dict[int, torch.memory_format] = {}
 
     def release_input(self) -> None:
         """Forget the input (needed only while packing, during the layer's forward)."""
@@ -242,8 +285,6 @@ class _LayerSaver:
         if self._passes(t):
             if t.untyped_storage().data_ptr() not in self.skip:
                 report_saved(t)
-                if self.meter is not None:
-                    self.meter._pack(t)
             return t
         view = None
         x = self.input
@@ -258,49 +299,39 @@ class _LayerSaver:
             # A reshaped view of the input (Linear on N-d input): quantize the input itself so
             # groups follow its samples, and reshape back in unpack.
             view, t = t.shape, x
-        rec = self.comp.pack(t)
-        if self.meter is not None:
-            self.meter.add_record(self.layer, rec)
+        rec = self.comp.pack(t)  # reports the record to observe_saved
         q = getattr(rec, "q", None)
         if self.stats is not None and isinstance(q, QuantizedTensor):
             self.stats.update_range(q, t.numel())
-        return (rec, _memory_format(t), view)
+        return (rec, view)
 
     def unpack(self, obj: object) -> Tensor:
         if isinstance(obj, Tensor):
             return obj
         assert isinstance(obj, tuple)
-        rec, fmt, view = obj
-        out = self.comp.unpack(rec)
-        if view is not None:
-            return out.view(view)
-        return out if fmt is None else out.contiguous(memory_format=fmt)
-
-
-def _memory_format(t: Tensor) -> Optional[torch.memory_format]:
-    if t.is_contiguous():
-        return None
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return None
+        rec, view = obj
+        out = self.comp.unpack(rec)  # the saved tensor's shape and strides
+        return out if view is None else out.view(view)
 
 
 class CompressedLayer(nn.Module):
     """Mixin (listed first among the bases) of the quantizing layers.
 
+    Constructor: the torch class's arguments plus keywords ``bits`` and ``group_size``.
     Attributes: ``bits`` (1, 2, 4, 8), ``group_size``, ``offload`` (copy the quantized records
     of CUDA tensors to CPU, ActNN level L4) and ``fewbit_stats`` (a :class:`LayerStats` while an
-    adaptive allocator watches this layer, else None). ``quantize_output``: quantize every
-    saved activation (Softmax saves its output) instead of only the input.
+    adaptive allocator watches this layer, else None). What is saved and how autocast casts
+    the input come from the layer's :data:`LAYERS` entry.
     """
 
     bits: int
     group_size: int
     offload: bool
     fewbit_stats: Optional[LayerStats]
-    quantize_output = False
+
+    def __init__(self, *args: Any, bits: int = 2, group_size: int = 256, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_compression(bits, group_size)
 
     def _init_compression(
         self, bits: int = 2, group_size: int = 256, offload: bool = False
@@ -324,18 +355,36 @@ class CompressedLayer(nn.Module):
         if offload is not None:
             self.offload = bool(offload)
 
-    def _compressed(self, fn: Callable[..., Tensor], input: Tensor, *args: Any) -> Tensor:
-        """Run ``fn(input, *args)`` with this layer's saved activations quantized."""
+    @classmethod
+    def layer_spec(cls) -> LayerSpec:
+        """This class's :data:`LAYERS` entry (the nearest one up its bases)."""
+        for klass in cls.__mro__:
+            spec = _SPECS.get(klass)
+            if spec is not None:
+                return spec
+        raise TypeError(f"{cls.__name__} has no entry in fewbit.modules.compressed.LAYERS")
+
+    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The torch class's forward, with this layer's saved activation quantized."""
+        return self._compressed(super().forward, input, *args, **kwargs)
+
+    def _compressed(self, fn: Callable[..., Tensor], input: Tensor, *args: Any,
+                    **kwargs: Any) -> Tensor:
+        """Run ``fn(input, *args, **kwargs)`` with this layer's saved activations quantized."""
         grads = torch.is_grad_enabled() and (
             input.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False))
         )
-        if not grads:
-            return fn(input, *args)
-        saver = _LayerSaver(self, None if self.quantize_output else input)
+        if not grads or checkpoint_active():
+            return fn(input, *args, **kwargs)
+        spec = self.layer_spec()
+        input = _autocast_input(input, spec.autocast)
+        saver = _LayerSaver(self, input if spec.saves == "input" else None)
+        token = _LAYER.set(self)
         try:
             with torch.autograd.graph.saved_tensors_hooks(saver.pack, saver.unpack):
-                out = fn(input, *args)
+                out = fn(input, *args, **kwargs)
         finally:
+            _LAYER.reset(token)
             # autograd keeps ``saver.unpack`` with every record until backward: the saver must
             # not keep the full-precision input alive with it.
             saver.release_input()
@@ -355,157 +404,93 @@ class CompressedLayer(nn.Module):
 class Conv1d(CompressedLayer, nn.Conv1d):
     """``nn.Conv1d`` saving its input quantized to ``bits`` bits."""
 
-    def __init__(self, *args: Any, bits: int = 2, group_size: int = 256, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(bits, group_size)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self._compressed(super().forward, input)
-
 
 class Conv2d(CompressedLayer, nn.Conv2d):
     """``nn.Conv2d`` saving its input quantized to ``bits`` bits."""
-
-    def __init__(self, *args: Any, bits: int = 2, group_size: int = 256, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(bits, group_size)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self._compressed(super().forward, input)
 
 
 class Conv3d(CompressedLayer, nn.Conv3d):
     """``nn.Conv3d`` saving its input quantized to ``bits`` bits."""
 
-    def __init__(self, *args: Any, bits: int = 2, group_size: int = 256, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(bits, group_size)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self._compressed(super().forward, input)
-
 
 class ConvTranspose1d(CompressedLayer, nn.ConvTranspose1d):
     """``nn.ConvTranspose1d`` saving its input quantized to ``bits`` bits."""
-
-    def __init__(self, *args: Any, bits: int = 2, group_size: int = 256, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(bits, group_size)
-
-    def forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
-        return self._compressed(super().forward, input, output_size)
 
 
 class ConvTranspose2d(CompressedLayer, nn.ConvTranspose2d):
     """``nn.ConvTranspose2d`` saving its input quantized to ``bits`` bits."""
 
-    def __init__(self, *args: Any, bits: int = 2, group_size: int = 256, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(bits, group_size)
-
-    def forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
-        return self._compressed(super().forward, input, output_size)
-
 
 class ConvTranspose3d(CompressedLayer, nn.ConvTranspose3d):
     """``nn.ConvTranspose3d`` saving its input quantized to ``bits`` bits."""
-
-    def __init__(self, *args: Any, bits: int = 2, group_size: int = 256, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(bits, group_size)
-
-    def forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
-        return self._compressed(super().forward, input, output_size)
 
 
 class Linear(CompressedLayer, nn.Linear):
     """``nn.Linear`` saving its input quantized to ``bits`` bits."""
 
-    def __init__(self, *args: Any, bits: int = 2, group_size: int = 256, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(bits, group_size)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self._compressed(super().forward, input)
-
 
 class BatchNorm1d(CompressedLayer, nn.BatchNorm1d):
     """``nn.BatchNorm1d`` saving its input quantized to ``bits`` bits (statistics exact)."""
-
-    def __init__(self, *args: Any, bits: int = 2, group_size: int = 256, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(bits, group_size)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self._compressed(super().forward, input)
 
 
 class BatchNorm2d(CompressedLayer, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` saving its input quantized to ``bits`` bits (statistics exact)."""
 
-    def __init__(self, *args: Any, bits: int = 2, group_size: int = 256, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(bits, group_size)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self._compressed(super().forward, input)
-
 
 class BatchNorm3d(CompressedLayer, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` saving its input quantized to ``bits`` bits (statistics exact)."""
-
-    def __init__(self, *args: Any, bits: int = 2, group_size: int = 256, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(bits, group_size)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self._compressed(super().forward, input)
 
 
 class SyncBatchNorm(CompressedLayer, nn.SyncBatchNorm):
     """``nn.SyncBatchNorm`` saving its input quantized (a single process: BatchNorm)."""
 
-    def __init__(self, *args: Any, bits: int = 2, group_size: int = 256, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(bits, group_size)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self._compressed(super().forward, input)
-
 
 class LayerNorm(CompressedLayer, nn.LayerNorm):
     """``nn.LayerNorm`` saving its input quantized to ``bits`` bits (mean/rstd exact)."""
-
-    def __init__(self, *args: Any, bits: int = 2, group_size: int = 256, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(bits, group_size)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self._compressed(super().forward, input)
 
 
 class GroupNorm(CompressedLayer, nn.GroupNorm):
     """``nn.GroupNorm`` saving its input quantized to ``bits`` bits (mean/rstd exact)."""
 
-    def __init__(self, *args: Any, bits: int = 2, group_size: int = 256, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_compression(bits, group_size)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self._compressed(super().forward, input)
-
 
 class Softmax(CompressedLayer, nn.Softmax):
     """``nn.Softmax`` saving its output quantized to ``bits`` bits."""
 
-    quantize_output = True
 
-    def __init__(self, dim: Optional[int] = None, *, bits: int = 2, group_size: int = 256) -> None:
-        super().__init__(dim)
-        self._init_compression(bits, group_size)
+@dataclass(frozen=True)
+class LayerSpec:
+    """One row of :data:`LAYERS`.
 
-    def forward(self, input: Tensor) -> Tensor:
-        return self._compressed(super().forward, input)
+    ``saves``: ``"input"`` (only the input's storage is quantized; everything else the op
+    saves passes) or ``"activations"`` (every floating non-parameter tensor it saves: Softmax
+    saves its output). ``autocast``: one of :data:`AUTOCAST_POLICIES`. The codec is the
+    group quantizer at the layer's ``bits`` and ``group_size``.
+    """
+
+    torch_class: type
+    layer: type
+    saves: str
+    autocast: str
+
+
+#: The quantizing layers: (torch class, compressed class, what is saved, autocast policy).
+LAYERS: Tuple[LayerSpec, ...] = (
+    LayerSpec(nn.Conv1d, Conv1d, "input", "low"),
+    LayerSpec(nn.Conv2d, Conv2d, "input", "low"),
+    LayerSpec(nn.Conv3d, Conv3d, "input", "low"),
+    LayerSpec(nn.ConvTranspose1d, ConvTranspose1d, "input", "low"),
+    LayerSpec(nn.ConvTranspose2d, ConvTranspose2d, "input", "low"),
+    LayerSpec(nn.ConvTranspose3d, ConvTranspose3d, "input", "low"),
+    LayerSpec(nn.Linear, Linear, "input", "low"),
+    LayerSpec(nn.BatchNorm1d, BatchNorm1d, "input", "none"),
+    LayerSpec(nn.BatchNorm2d, BatchNorm2d, "input", "none"),
+    LayerSpec(nn.BatchNorm3d, BatchNorm3d, "input", "none"),
+    LayerSpec(nn.SyncBatchNorm, SyncBatchNorm, "input", "none"),
+    LayerSpec(nn.LayerNorm, LayerNorm, "input", "fp32_cuda"),
+    LayerSpec(nn.GroupNorm, GroupNorm, "input", "fp32_cuda"),
+    LayerSpec(nn.Softmax, Softmax, "activations", "fp32_cuda"),
+)
+_SPECS: Dict[type, LayerSpec] = {spec.layer: spec for spec in LAYERS}
 
 
 # --- lossless layers ----------------------------------------------------------------------------
@@ -515,96 +500,75 @@ class Dropout(nn.Dropout):
     """``nn.Dropout`` saving a 1-bit mask (``n/8`` bytes); gradients exact."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return FC.dropout(input, self.p, self.training, self.inplace)
+        return dropout(input, self.p, self.training, self.inplace)
 
 
-class MaxPool1d(nn.MaxPool1d):
+class _MaxPoolForward(nn.Module):
+    """forward of the max-pooling layers: ``pool`` (a :mod:`fewbit.functional.pooling`
+    function) with the module's settings."""
+
+    pool: Callable[..., Any]
+    kernel_size: Any
+    stride: Any
+    padding: Any
+    dilation: Any
+    ceil_mode: bool
+    return_indices: bool
+
+    def forward(self, input: Tensor) -> Any:
+        return self.pool(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                         ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+class _AvgPoolForward(nn.Module):
+    """forward of the average-pooling layers (see :class:`_MaxPoolForward`)."""
+
+    pool: Callable[..., Any]
+    kernel_size: Any
+    stride: Any
+    padding: Any
+    ceil_mode: bool
+    count_include_pad: bool
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.pool(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                         self.count_include_pad, getattr(self, "divisor_override", None))
+
+
+class MaxPool1d(_MaxPoolForward, nn.MaxPool1d):
     """``nn.MaxPool1d`` saving ``ceil(log2(kernel_size))``-bit argmax offsets; exact grads."""
 
-    def forward(self, input: Tensor) -> Any:
-        return FC.max_pool1d(
-            input,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            ceil_mode=self.ceil_mode,
-            return_indices=self.return_indices,
-        )
+    pool = staticmethod(FP.max_pool1d)
 
 
-class MaxPool2d(nn.MaxPool2d):
+class MaxPool2d(_MaxPoolForward, nn.MaxPool2d):
     """``nn.MaxPool2d`` saving ``ceil(log2(kh*kw))``-bit argmax offsets; exact grads."""
 
-    def forward(self, input: Tensor) -> Any:
-        return FC.max_pool2d(
-            input,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            ceil_mode=self.ceil_mode,
-            return_indices=self.return_indices,
-        )
+    pool = staticmethod(FP.max_pool2d)
 
 
-class MaxPool3d(nn.MaxPool3d):
+class MaxPool3d(_MaxPoolForward, nn.MaxPool3d):
     """``nn.MaxPool3d`` saving ``ceil(log2(kd*kh*kw))``-bit argmax offsets; exact grads."""
 
-    def forward(self, input: Tensor) -> Any:
-        return FC.max_pool3d(
-            input,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            ceil_mode=self.ceil_mode,
-            return_indices=self.return_indices,
-        )
+    pool = staticmethod(FP.max_pool3d)
 
 
-class AvgPool1d(nn.AvgPool1d):
+class AvgPool1d(_AvgPoolForward, nn.AvgPool1d):
     """``nn.AvgPool1d`` saving nothing for backward; exact grads."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        return FC.avg_pool1d(
-            input,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.ceil_mode,
-            self.count_include_pad,
-        )
+    pool = staticmethod(FP.avg_pool1d)
 
 
-class AvgPool2d(nn.AvgPool2d):
+class AvgPool2d(_AvgPoolForward, nn.AvgPool2d):
     """``nn.AvgPool2d`` saving nothing for backward; exact grads."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        return FC.avg_pool2d(
-            input,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.ceil_mode,
-            self.count_include_pad,
-            self.divisor_override,
-        )
+    pool = staticmethod(FP.avg_pool2d)
 
 
-class AvgPool3d(nn.AvgPool3d):
+class AvgPool3d(_AvgPoolForward, nn.AvgPool3d):
     """``nn.AvgPool3d`` saving nothing for backward; exact grads."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        return FC.avg_pool3d(
-            input,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.ceil_mode,
-            self.count_include_pad,
-            self.divisor_override,
-        )
+    pool = staticmethod(FP.avg_pool3d)
 
 
 # --- ActNN names --------------------------------------------------------------------------------
@@ -632,23 +596,8 @@ QAvgPool1d = AvgPool1d
 QAvgPool2d = AvgPool2d
 QAvgPool3d = AvgPool3d
 
-#: torch.nn class -> compressed class (exact type match), used by fewbit.levels.
-QUANTIZED: Tuple[Tuple[type, type], ...] = (
-    (nn.Conv1d, Conv1d),
-    (nn.Conv2d, Conv2d),
-    (nn.Conv3d, Conv3d),
-    (nn.ConvTranspose1d, ConvTranspose1d),
-    (nn.ConvTranspose2d, ConvTranspose2d),
-    (nn.ConvTranspose3d, ConvTranspose3d),
-    (nn.Linear, Linear),
-    (nn.BatchNorm1d, BatchNorm1d),
-    (nn.BatchNorm2d, BatchNorm2d),
-    (nn.BatchNorm3d, BatchNorm3d),
-    (nn.SyncBatchNorm, SyncBatchNorm),
-    (nn.LayerNorm, LayerNorm),
-    (nn.GroupNorm, GroupNorm),
-    (nn.Softmax, Softmax),
-)
+#: torch.nn class -> compressed class (exact type match), derived from :data:`LAYERS`.
+QUANTIZED: Tuple[Tuple[type, type], ...] = tuple((s.torch_class, s.layer) for s in LAYERS)
 LOSSLESS: Tuple[Tuple[type, type], ...] = (
     (nn.Dropout, Dropout),
     (nn.MaxPool1d, MaxPool1d),
