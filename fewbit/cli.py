@@ -3,7 +3,8 @@ and ``fewbit profile`` (saved-activation breakdown of one training step).
 
 Examples::
 
-    fewbit bench                                  # small RoBERTa, all configurations, CPU
+    fewbit bench                                  # small RoBERTa, default rows, CPU
+    fewbit bench --markdown --plot frontier.png   # README table and memory-time frontier
     fewbit bench --preset roberta-base-mrpc --device cuda --json out.json --plot out.png
     fewbit bench --configs gelu3,rand20 --batch 4 --seq 64
     fewbit bench --convergence --plot loss.png    # digits, test accuracy per configuration
@@ -44,7 +45,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="fp32, or bf16 autocast with fp32 weights (default: fp32)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps; median (default: 3)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per process (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="weights and batch seed (default: 0)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
@@ -58,10 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--configs",
         default=None,
-        help="comma-separated configurations, or 'all' (default: vanilla, gelu3, "
-        "rand20, gelu3+rand20, L1, L2, compress2; vanilla is always run)",
+        help="comma-separated configurations, or 'all' (default: vanilla, ckpt, offload, "
+        "gelu3, ckpt+gelu3, gelu3+rand20, L2, ckpt+L2, compress2; vanilla is always run)",
     )
-    bench.add_argument("--plot", metavar="PATH", default=None, help="write a PNG chart")
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved timing rounds, a fresh process per configuration and round; "
+        "memory is measured in the first (default: 3)",
+    )
+    bench.add_argument(
+        "--plot",
+        metavar="PATH",
+        default=None,
+        help="write the memory-time frontier (PNG; --convergence: loss curves)",
+    )
+    bench.add_argument(
+        "--plot-memory", metavar="PATH", default=None, help="write a bar chart of the peaks"
+    )
     bench.add_argument("--timeout", type=float, default=None, help="seconds per configuration")
     bench.add_argument(
         "--rss",
@@ -161,10 +177,13 @@ def _bench(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             timeout_s=args.timeout,
             rss=args.rss,
+            rounds=args.rounds,
         )
         print(report.format_markdown(result) if args.markdown else report.format_table(result))
         if args.plot:
-            report.plot_memory(result, args.plot)
+            report.plot_frontier(result, args.plot)
+        if args.plot_memory:
+            report.plot_memory(result, args.plot_memory)
     print(f"wall time {time.perf_counter() - t0:.1f} s")
     if args.json:
         report.write_json(result, args.json)
@@ -199,7 +218,7 @@ def _profile(args: argparse.Namespace) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``fewbit`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
-    for name in ("steps", "batch", "seq", "epochs", "seeds"):
+    for name in ("steps", "batch", "seq", "epochs", "seeds", "rounds"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(f"fewbit: --{name} must be >= 1, got {value}", file=sys.stderr)

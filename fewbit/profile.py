@@ -50,6 +50,7 @@ __all__ = [
     "TrainStep",
     "default_loss",
     "held_bytes",
+    "time_steps",
 ]
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -534,6 +535,24 @@ def _record_saved(step: TrainStep, model: nn.Module) -> tuple[SavedTensorLog, di
     return log, by_op
 
 
+def time_steps(
+    step: Callable[[], Any], steps: int, warmup: int = 0, device: Union[str, torch.device] = "cpu"
+) -> list[float]:
+    """Wall-clock seconds of each of ``steps`` calls of ``step`` after ``warmup`` untimed
+    calls (CUDA is synchronised before and after each timed call)."""
+    dev = torch.device(device)
+    for _ in range(warmup):
+        step()
+    times: list[float] = []
+    for _ in range(steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        step()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def profile_step(
     model: nn.Module,
     batch: Any,
@@ -571,13 +590,7 @@ def profile_step(
         step()
     log, by_op = _record_saved(step, model)
     held, peak, method = _measure_peak(step, dev, held_bytes(model, batch, optimizer))
-    times: list[float] = []
-    for _ in range(steps):
-        _sync(dev)
-        t0 = time.perf_counter()
-        step()
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
+    times = time_steps(step, steps, 0, dev)
     return StepProfile(
         saved_bytes=log.total,
         saved_by_op=by_op,

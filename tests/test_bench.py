@@ -12,12 +12,21 @@ import torch
 from torch import nn
 
 from fewbit.bench import CONFIGS, Config, register
-from fewbit.bench.configs import get_config
+from fewbit.bench.configs import DEFAULT_CONFIGS, checkpoint_layers, get_config
 from fewbit.bench.convergence import load_digits_split, train_digits
-from fewbit.bench.memory import add_comparisons, grad_rel_error
+from fewbit.bench.memory import add_comparisons, grad_rel_error, round_order, summarize_times
 from fewbit.bench.models import PRESETS, build_model, make_batch, resolve_spec
-from fewbit.bench.report import format_table, plot_convergence, plot_memory, write_json
+from fewbit.bench.report import (
+    format_markdown,
+    format_table,
+    pareto_frontier,
+    plot_convergence,
+    plot_frontier,
+    plot_memory,
+    write_json,
+)
 from fewbit.bench.runner import Job, dropout_disabled, run_job
+from fewbit.profile import SavedTensorLog
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -129,7 +138,7 @@ def test_report_table_json_and_plot(tiny_rows: list, tmp_path: os.PathLike[str])
     report = {"settings": {"model": "tiny", "batch": 4, "seq": 32, "dtype": "fp32",
                            "device": "cpu", "n_params": tiny_rows[0]["n_params"]}, "rows": rows}
     text = format_table(report)
-    for word in ("vanilla", "gelu3", "peak memory", "saved activations", "time ratio",
+    for word in ("vanilla", "gelu3", "peak memory", "saved activations", "x vanilla",
                  "grad rel err", "failed: exit 1: boom"):
         assert word in text
     write_json(report, os.path.join(tmp_path, "r.json"))
@@ -150,5 +159,120 @@ def test_digits_training_learns_and_plots(tmp_path: os.PathLike[str]) -> None:
         train_digits("vanilla", model="cnn")
     path = os.path.join(tmp_path, "c.png")
     plot_convergence({"settings": {"model": "digits-mlp"}, "rows": [{**row, "config": "v"}]}, path)
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+
+
+def test_round_order_rotates_so_no_configuration_always_runs_first() -> None:
+    names = ["vanilla", "ckpt", "gelu3"]
+    orders = [round_order(names, r) for r in range(3)]
+    assert [o[0] for o in orders] == names  # each runs first once
+    assert all(sorted(o) == sorted(names) for o in orders)
+    assert round_order([], 2) == []
+
+
+def test_paired_time_ratios_against_vanilla_and_ckpt() -> None:
+    rows = [
+        {"config": "vanilla", "peak_total_bytes": 100, "saved_bytes": 50},
+        {"config": "ckpt", "peak_total_bytes": 60, "saved_bytes": 5},
+        {"config": "x", "peak_total_bytes": 50, "saved_bytes": 10},
+        {"config": "offload", "skipped": "does not apply on cpu"},
+    ]
+    # round 2 is a slow spell of the machine (every configuration 2x slower): paired ratios
+    # are unaffected by it, a ratio of pooled medians would not be
+    summarize_times(rows[0], [[1.0, 1.0], [2.0, 2.0], [1.0, 1.0]])
+    summarize_times(rows[1], [[1.5, 1.5], [3.0, 3.0], [1.5, 1.5]])
+    summarize_times(rows[2], [[1.2, 1.2], [2.4, 2.4], None])  # round 3 failed
+    add_comparisons(rows)
+    vanilla, ckpt, x, offload = rows
+    assert vanilla["step_time_s"] == 1.0 and vanilla["round_medians_s"] == [1.0, 2.0, 1.0]
+    # quartiles of the six steps [1, 1, 1, 1, 2, 2] (inclusive method: q3 at position 3.75)
+    assert vanilla["step_time_iqr_s"] == [1.0, 1.75]
+    assert ckpt["time_ratio"] == pytest.approx(1.5) and ckpt["time_ratio_range"] == [1.5, 1.5]
+    assert x["time_ratio"] == pytest.approx(1.2)  # rounds 1-2 only
+    assert x["time_ratio_ckpt"] == pytest.approx(0.8)
+    assert vanilla["time_ratio_ckpt"] == pytest.approx(1 / 1.5)
+    assert x["peak_saving_pct"] == 50.0 and x["peak_vs_ckpt_pct"] == pytest.approx(100 / 6)
+    assert "time_ratio" not in offload
+
+
+def test_pareto_frontier() -> None:
+    points = {"vanilla": (1.0, 10.0), "ckpt": (1.3, 5.0), "slow": (2.0, 6.0), "L2": (1.5, 4.0),
+              "tie": (1.3, 5.0)}
+    # "slow" is beaten by ckpt on both; equal points do not dominate each other
+    assert pareto_frontier(points) == ["vanilla", "ckpt", "tie", "L2"]
+    assert pareto_frontier({}) == []
+
+
+def test_offload_row_applies_only_on_cuda() -> None:
+    offload = get_config("offload")
+    assert not offload.applies_to("cpu")
+    assert offload.applies_to("cuda") and offload.applies_to("cuda:1")
+    assert get_config("ckpt").applies_to("cpu")
+    for name in ("vanilla", "ckpt", "gelu3", "ckpt+gelu3", "gelu3+rand20", "L2", "compress2"):
+        assert name in DEFAULT_CONFIGS
+
+
+def _grads_and_saving_modules(model: nn.Module, batch: dict) -> tuple[dict, set]:
+    """Gradients (dropout off) and the paths of the modules that saved tensors in forward."""
+    log = SavedTensorLog(exclude=list(model.parameters()) + list(model.buffers()), model=model)
+    with dropout_disabled(model):  # backward too: checkpointing re-runs forward there
+        with log.record():
+            loss = model(**batch).loss
+        loss.backward()
+    log.clear()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return grads, set(log.by_module())
+
+
+@pytest.mark.parametrize("preset", ["tiny", "resnet-small"])
+def test_checkpoint_layers_same_gradient_nothing_saved_inside_layers(preset: str) -> None:
+    from fewbit.models import BasicBlock
+
+    spec = resolve_spec(preset, batch=2)
+    batch = make_batch(spec, seed=0)
+    vanilla = build_model(spec, seed=0)
+    resnet = preset == "resnet-small"
+    layer_types = (BasicBlock,) if resnet else (type(vanilla.roberta.encoder.layer[0]),)
+    layers = [n for n, m in vanilla.named_modules() if isinstance(m, layer_types)]
+    ref, ref_savers = _grads_and_saving_modules(vanilla, batch)
+    got, savers = _grads_and_saving_modules(checkpoint_layers(build_model(spec, seed=0)), batch)
+    assert set(got) == set(ref)  # parameter names unchanged
+    # recomputation runs the same float ops in the same order: the same gradient up to the
+    # order of accumulation (a few float32 ulps)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7)
+
+    def inside(path: str) -> bool:
+        return any(path.startswith(layer + ".") for layer in layers)
+
+    # vanilla's sub-modules of every layer save tensors; checkpointed, none does (the
+    # checkpoint keeps the layer's input, logged under the layer's own path)
+    assert layers and all(any(p.startswith(layer + ".") for p in ref_savers) for layer in layers)
+    assert not any(inside(p) for p in savers), sorted(savers)
+
+
+def test_checkpoint_layers_rejects_models_without_layers() -> None:
+    with pytest.raises(ValueError, match="checkpoint_layers"):
+        checkpoint_layers(nn.Linear(2, 2))
+
+
+def test_frontier_plot_and_ckpt_columns(tmp_path: os.PathLike[str]) -> None:
+    rows = [
+        {"config": "vanilla", "peak_total_bytes": 100 << 20, "saved_bytes": 50 << 20},
+        {"config": "ckpt", "peak_total_bytes": 60 << 20, "saved_bytes": 5 << 20},
+        {"config": "offload", "skipped": "does not apply on cpu (only on cuda)"},
+    ]
+    summarize_times(rows[0], [[1.0], [1.1]])
+    summarize_times(rows[1], [[1.4], [1.5]])
+    add_comparisons(rows)
+    report = {"settings": {"model": "tiny", "batch": 4, "seq": 32, "dtype": "fp32",
+                           "device": "cpu", "steps": 1, "rounds": 2}, "rows": rows}
+    text = format_table(report)
+    assert "x ckpt" in text and "n/a: does not apply on cpu" in text
+    md = format_markdown(report)
+    assert "| x vanilla | x ckpt |" in md and "2 interleaved rounds" in md
+    path = os.path.join(tmp_path, "f.png")
+    plot_frontier(report, path)
     with open(path, "rb") as f:
         assert f.read(8) == PNG_MAGIC

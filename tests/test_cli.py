@@ -37,18 +37,23 @@ def test_list_and_argument_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_tiny_bench_end_to_end(tmp_path: os.PathLike[str],
                                capsys: pytest.CaptureFixture[str]) -> None:
     path = os.path.join(tmp_path, "bench.json")
-    status = main(["bench", "--model", "tiny", "--configs", "gelu3", "--steps", "1",
-                   "--no-progress", "--rss", "--json", path])
+    status = main(["bench", "--model", "tiny", "--configs", "gelu3,offload", "--steps", "1",
+                   "--rounds", "2", "--no-progress", "--rss", "--json", path])
     out = capsys.readouterr().out
     assert status == 0, out
     assert "vanilla" in out and "gelu3" in out and "wall time" in out
     with open(path) as f:
         report = json.load(f)
     assert report["settings"]["model"] == "tiny"
-    vanilla, gelu3 = report["rows"]
+    vanilla, gelu3, offload = report["rows"]
     for key in ("peak_total_bytes", "saved_bytes", "step_time_s", "time_ratio",
                 "peak_saving_pct", "grad_rel_err", "rss_peak_bytes", "saved_by_op"):
         assert key in vanilla and key in gelu3
+    # two interleaved rounds, each a fresh child timing one step
+    assert len(gelu3["round_medians_s"]) == 2 and len(gelu3["step_times_s"]) == 2
+    assert len(gelu3["time_ratio_range"]) == 2
+    # save_on_cpu offloads GPU tensors: on the CPU the row says so instead of a number
+    assert "does not apply on cpu" in offload["skipped"] and "n/a" in out
     assert vanilla["time_ratio"] == 1.0 and vanilla["grad_rel_err"] == 0.0
     assert gelu3["saved_bytes"] < vanilla["saved_bytes"]
     # --rss: each child ran in a fresh process with the malloc setting; RSS peak was measured

@@ -3,14 +3,20 @@
 Adding a row is one line::
 
     register(Config("gelu2", lambda m: _convert(m, bits=2, linear=None), "2-bit GELU"))
+
+Besides fewbit's own rows there are the baselines a user already has: ``ckpt`` (activation
+checkpointing of every transformer layer, or every residual block of the CNN preset) and
+``offload`` (`torch.autograd.graph.save_on_cpu`, CUDA only: ``Config.devices``).
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+import functools
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+import torch
 from torch import nn
 
 __all__ = [
@@ -20,6 +26,8 @@ __all__ = [
     "register",
     "get_config",
     "with_generic_compress",
+    "with_forward_context",
+    "checkpoint_layers",
 ]
 
 Apply = Callable[[nn.Module], nn.Module]
@@ -27,11 +35,19 @@ Apply = Callable[[nn.Module], nn.Module]
 
 @dataclass(frozen=True)
 class Config:
-    """A benchmark row: ``apply(model)`` returns the model to train (may modify in place)."""
+    """A benchmark row: ``apply(model)`` returns the model to train (may modify in place).
+
+    ``devices``: the device types on which the row means something (None: all); on another
+    device the bench prints why it does not apply instead of a number."""
 
     name: str
     apply: Apply
     description: str = ""
+    devices: Optional[tuple[str, ...]] = None
+
+    def applies_to(self, device: str) -> bool:
+        """Whether this row runs on ``device`` (a device string such as 'cpu' or 'cuda:0')."""
+        return self.devices is None or torch.device(device).type in self.devices
 
 
 def _convert(model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -72,18 +88,17 @@ def _level(level: int) -> Apply:
     return apply
 
 
-def with_generic_compress(model: nn.Module, bits: int = 2) -> nn.Module:
-    """Make every forward of ``model`` run inside ``fewbit.compress(bits=...)`` (the generic
-    saved-tensor mode): every floating saved tensor that is not a parameter or buffer of the
-    model, and not already compact, is quantized. Root forward hooks, so parameter names and
-    the model's class are unchanged; the context is closed even when forward raises."""
-    from fewbit.compress import compress
-
+def with_forward_context(
+    model: nn.Module, context: Callable[[nn.Module], AbstractContextManager[Any]]
+) -> nn.Module:
+    """Make every forward of ``model`` run inside ``context(model)``. Root forward hooks, so
+    parameter names and the model's class are unchanged; the context is closed even when
+    forward raises."""
     open_contexts: list[ExitStack] = []
 
     def enter(module: nn.Module, args: Any) -> None:
         stack = ExitStack()
-        stack.enter_context(compress(bits=bits, model=module))
+        stack.enter_context(context(module))
         open_contexts.append(stack)
 
     def leave(module: nn.Module, args: Any, output: Any) -> None:
@@ -92,6 +107,67 @@ def with_generic_compress(model: nn.Module, bits: int = 2) -> nn.Module:
     model.register_forward_pre_hook(enter)
     model.register_forward_hook(leave, always_call=True)
     return model
+
+
+def with_generic_compress(model: nn.Module, bits: int = 2) -> nn.Module:
+    """Every forward of ``model`` inside ``fewbit.compress(bits=...)`` (the generic
+    saved-tensor mode): every floating saved tensor that is not a parameter or buffer of the
+    model, and not already compact, is quantized."""
+    from fewbit.compress import compress
+
+    return with_forward_context(model, lambda m: compress(bits=bits, model=m))
+
+
+def _checkpointed_forward(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_layers(model: nn.Module) -> nn.Module:
+    """Activation checkpointing of every layer: a Hugging Face model's own
+    ``gradient_checkpointing_enable`` (non-reentrant; ``activation_checkpointing_enable`` in
+    transformers 5) on each transformer layer; otherwise
+    every residual block (`fewbit.models.BasicBlock`) recomputes its forward in backward
+    (`torch.utils.checkpoint`, non-reentrant; the block's forward is replaced on the
+    instance, so parameter names are unchanged). Only the layer inputs stay saved; backward
+    runs each layer's forward again. ValueError when the model has neither."""
+    if getattr(model, "supports_gradient_checkpointing", False):
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return model
+    from fewbit.models import BasicBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    if not blocks:
+        raise ValueError(
+            "checkpoint_layers: model has no gradient_checkpointing_enable and no residual blocks"
+        )
+    for block in blocks:
+        block.forward = functools.partial(_checkpointed_forward, block.forward)  # type: ignore
+    return model
+
+
+def _ckpt(model: nn.Module) -> nn.Module:
+    return checkpoint_layers(model)
+
+
+def _ckpt_gelu3(model: nn.Module) -> nn.Module:
+    return checkpoint_layers(_gelu3(model))
+
+
+def _ckpt_level(level: int) -> Apply:
+    def apply(model: nn.Module) -> nn.Module:
+        return checkpoint_layers(_level(level)(model))
+
+    return apply
+
+
+def _offload(model: nn.Module) -> nn.Module:
+    return with_forward_context(model, lambda m: torch.autograd.graph.save_on_cpu(pin_memory=True))
 
 
 def _generic2(model: nn.Module) -> nn.Module:
@@ -128,12 +204,34 @@ register(Config("compress2", _generic2, "generic mode: every saved float tensor 
 register(
     Config("gelu3+rand20+compress2", _gelu3_rand20_generic2, "both rows above, the rest at 2 bits")
 )
+register(Config("ckpt", _ckpt, "activation checkpointing of every layer (non-reentrant)"))
+register(Config("ckpt+gelu3", _ckpt_gelu3, "checkpointing and 3-bit activations"))
+register(Config("ckpt+L2", _ckpt_level(2), "checkpointing and level L2 inside each layer"))
+register(
+    Config(
+        "offload",
+        _offload,
+        "saved tensors to pinned host memory (torch.autograd.graph.save_on_cpu)",
+        devices=("cuda",),
+    )
+)
 
 
-# The rows `fewbit bench` runs without --configs (about 2 minutes on 2 CPU cores for the default
-# model); `--configs all` adds L3 (equal to L2 until its first re-allocation, after 100 steps)
-# and the generic mode on top of gelu3+rand20.
-DEFAULT_CONFIGS = ("vanilla", "gelu3", "rand20", "gelu3+rand20", "L1", "L2", "compress2")
+# The rows `fewbit bench` runs without --configs (a few minutes on 2 CPU cores for the default
+# model, three interleaved rounds); `--configs all` adds rand20 and its sketch variants, L1,
+# L3 (equal to L2 until its first re-allocation, after 100 steps) and the generic mode on top
+# of gelu3+rand20.
+DEFAULT_CONFIGS = (
+    "vanilla",
+    "ckpt",
+    "offload",
+    "gelu3",
+    "ckpt+gelu3",
+    "gelu3+rand20",
+    "L2",
+    "ckpt+L2",
+    "compress2",
+)
 
 
 def get_config(name: str) -> Config:

@@ -1,17 +1,24 @@
 """Parent side of the memory benchmark: one child process per configuration.
 
-`run_bench` starts ``python -m fewbit.bench.runner`` once per configuration (in order,
-never two at once; with ``rss``, each with ``MALLOC_MMAP_THRESHOLD_=65536`` for the VmHWM
-cross-check), collects the JSON
-results, and adds the comparisons with the vanilla row: peak and saved-activation
-savings, step-time ratio and the relative L2 error of the full gradient vector
-(computed with dropout off, same seed and batch; see `fewbit.bench.runner`).
+`run_bench` starts ``python -m fewbit.bench.runner`` once per configuration and round
+(never two at once; with ``rss``, the first round's children with
+``MALLOC_MMAP_THRESHOLD_=65536`` for the VmHWM cross-check), collects the JSON results, and
+adds the comparisons with the vanilla row (peak and saved-activation savings, step-time
+ratio, relative L2 error of the full gradient vector, computed with dropout off, same seed
+and batch; see `fewbit.bench.runner`) and with the activation-checkpointing row (``ckpt``:
+step-time ratio and peak).
+
+Timing on a shared machine: the configurations are interleaved over ``rounds`` rounds
+(each a fresh child per configuration, the order rotated each round); a time ratio is the
+median over rounds of the ratio of the two configurations' median step times in that
+round, reported with its lowest and highest round.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,9 +32,18 @@ from fewbit.bench.configs import get_config
 from fewbit.bench.models import resolve_spec
 from fewbit.bench.runner import RESULT_PREFIX, Job
 
-__all__ = ["run_bench", "child_env", "run_child", "grad_rel_error", "add_comparisons"]
+__all__ = [
+    "run_bench",
+    "child_env",
+    "run_child",
+    "grad_rel_error",
+    "add_comparisons",
+    "summarize_times",
+    "round_order",
+]
 
 BASELINE = "vanilla"
+CKPT = "ckpt"
 
 
 def child_env(rss: bool = False) -> dict[str, str]:
@@ -64,8 +80,9 @@ def run_child(job: Job, timeout_s: Optional[float] = None) -> dict[str, Any]:
             result: dict[str, Any] = json.loads(line[len(RESULT_PREFIX) :])
             result["config"] = job.config
             return result
-    tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and "USDT" not in ln][-6:]
-    return {"config": job.config, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and "USDT" not in ln][-12:]
+    last = tail[-1].strip() if tail else "no output"
+    return {"config": job.config, "error": f"exit {proc.returncode}: {last}", "stderr_tail": tail}
 
 
 def _flat(grads: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
@@ -90,15 +107,53 @@ def _saving(x: Optional[float], base: Optional[float]) -> Optional[float]:
     return 100.0 * (base - x) / base if x is not None and base else None
 
 
+def _paired_ratios(row: dict[str, Any], base: dict[str, Any]) -> list[float]:
+    """Per round: median step time of ``row`` over that of ``base`` in the same round (the
+    rounds interleave the configurations, so a slow spell of the machine hits both)."""
+    mine, theirs = row.get("round_medians_s"), base.get("round_medians_s")
+    if not mine or not theirs:
+        return []
+    return [a / b for a, b in zip(mine, theirs) if a is not None and b]
+
+
+def _time_ratio(row: dict[str, Any], base: dict[str, Any]) -> tuple[Optional[float], list[float]]:
+    """(median of the paired per-round ratios, [lowest, highest]) or, without rounds, the
+    ratio of the two median step times and an empty range."""
+    paired = _paired_ratios(row, base)
+    if paired:
+        return statistics.median(paired), [min(paired), max(paired)]
+    return _ratio(row.get("step_time_s"), base.get("step_time_s")), []
+
+
 def add_comparisons(rows: list[dict[str, Any]]) -> None:
-    """Fill savings (%) and the time ratio of each row against the vanilla row."""
-    base = next((r for r in rows if r["config"] == BASELINE and "error" not in r), None)
-    for r in rows:
-        if "error" in r or base is None:
-            continue
-        r["peak_saving_pct"] = _saving(r["peak_total_bytes"], base["peak_total_bytes"])
-        r["saved_saving_pct"] = _saving(r["saved_bytes"], base["saved_bytes"])
-        r["time_ratio"] = _ratio(r["step_time_s"], base["step_time_s"])
+    """Fill savings (%) against the vanilla row, and step-time ratios against vanilla
+    (``time_ratio``) and against activation checkpointing (``time_ratio_ckpt``, when a
+    ``ckpt`` row ran), each with its lowest-highest range over the rounds."""
+    ok = [r for r in rows if "error" not in r and "skipped" not in r]
+    base = next((r for r in ok if r["config"] == BASELINE), None)
+    ckpt = next((r for r in ok if r["config"] == CKPT), None)
+    for r in ok:
+        if base is not None:
+            r["peak_saving_pct"] = _saving(r["peak_total_bytes"], base["peak_total_bytes"])
+            r["saved_saving_pct"] = _saving(r["saved_bytes"], base["saved_bytes"])
+            r["time_ratio"], r["time_ratio_range"] = _time_ratio(r, base)
+        if ckpt is not None:
+            r["time_ratio_ckpt"], r["time_ratio_ckpt_range"] = _time_ratio(r, ckpt)
+            r["peak_vs_ckpt_pct"] = _saving(r["peak_total_bytes"], ckpt["peak_total_bytes"])
+
+
+def summarize_times(row: dict[str, Any], rounds: list[Optional[list[float]]]) -> None:
+    """Set the row's step-time statistics from the timed steps of each round (None: that
+    round's child failed): median and quartiles of all timed steps, per-round medians."""
+    all_times = [t for times in rounds if times for t in times]
+    row["round_medians_s"] = [statistics.median(t) if t else None for t in rounds]
+    row["step_times_s"] = all_times
+    row["step_time_s"] = statistics.median(all_times)
+    if len(all_times) >= 2:
+        q1, _, q3 = statistics.quantiles(all_times, n=4, method="inclusive")
+    else:
+        q1 = q3 = all_times[0]
+    row["step_time_iqr_s"] = [q1, q3]
 
 
 def _add_grad_errors(rows: list[dict[str, Any]], paths: dict[str, str]) -> None:
@@ -115,6 +170,22 @@ def _add_grad_errors(rows: list[dict[str, Any]], paths: dict[str, str]) -> None:
         del other
 
 
+def round_order(names: list[str], round_index: int) -> list[str]:
+    """The order in which round ``round_index`` runs ``names``: rotated by one each round so
+    that no configuration always runs first (or right after the same neighbour)."""
+    k = round_index % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
+def _not_applicable(name: str, device: str) -> dict[str, Any]:
+    config = get_config(name)
+    where = ", ".join(config.devices or ())
+    return {
+        "config": name,
+        "skipped": f"does not apply on {torch.device(device).type} (only on {where})",
+    }
+
+
 def run_bench(
     configs: list[str],
     model: str = "roberta-small",
@@ -128,9 +199,16 @@ def run_bench(
     progress: bool = True,
     timeout_s: Optional[float] = None,
     rss: bool = False,
+    rounds: int = 3,
 ) -> dict[str, Any]:
     """Benchmark ``configs`` (vanilla is added first when missing); a JSON-able report.
 
+    Round 1 runs every configuration in a fresh child that measures memory, saved bytes,
+    the gradient and ``steps`` timed steps; each later round runs every configuration again
+    in a fresh child that only times ``steps`` steps (after ``warmup``). Rounds interleave
+    the configurations, so the time ratios are taken per round (both sides of a ratio ran
+    within minutes of each other) and their median and range reported. A configuration
+    that does not apply to ``device`` (``Config.devices``) gets a row saying so.
     ``rss`` adds the independent resident-memory peak (VmHWM) of each step, measured in a
     child started with ``MALLOC_MMAP_THRESHOLD_=65536``; step times are then slower.
     """
@@ -140,17 +218,39 @@ def run_bench(
     resolve_spec(model, batch, seq)
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
+    runnable = [n for n in names if get_config(n).applies_to(device)]
+    results: dict[str, dict[str, Any]] = {}
+    times: dict[str, list[Optional[list[float]]]] = {n: [] for n in runnable}
     with tempfile.TemporaryDirectory(prefix="fewbit-bench-") as tmp:
-        paths = {n: os.path.join(tmp, f"grad{i}.pt") for i, n in enumerate(names)}
-        bar = tqdm(names, desc="fewbit bench", unit="config", disable=not progress)
-        for name in bar:
-            bar.set_postfix_str(name)
-            job = Job(name, model, batch, seq, dtype, device, steps, warmup, seed, paths[name], rss)
-            rows.append(run_child(job, timeout_s))
+        paths = {n: os.path.join(tmp, f"grad{i}.pt") for i, n in enumerate(runnable)}
+        bar = tqdm(total=rounds * len(runnable), desc="fewbit bench", unit="child",
+                   disable=not progress)  # fmt: skip
+        for round_index in range(rounds):
+            for name in round_order(runnable, round_index):
+                bar.set_postfix_str(f"round {round_index + 1} {name}")
+                first = round_index == 0
+                job = Job(name, model, batch, seq, dtype, device, steps, warmup, seed,
+                          paths[name] if first else None, rss and first, not first)  # fmt: skip
+                result = run_child(job, timeout_s)
+                if first:
+                    results[name] = result
+                times[name].append(None if "error" in result else result["step_times_s"])
+                bar.update(1)
+        bar.close()
+        rows = []
+        for name in names:
+            if name not in results:
+                rows.append(_not_applicable(name, device))
+                continue
+            row = results[name]
+            if "error" not in row:
+                summarize_times(row, times[name])
+            rows.append(row)
         add_comparisons(rows)
         _add_grad_errors(rows, paths)
     settings = {
@@ -161,10 +261,11 @@ def run_bench(
         "device": device,
         "steps": steps,
         "warmup": warmup,
+        "rounds": rounds,
         "seed": seed,
         "rss": rss,
     }
-    first = next((r for r in rows if "error" not in r), None)
-    if first is not None:
-        settings.update(batch=first["batch"], seq=first["seq"], n_params=first["n_params"])
+    first_ok = next((r for r in rows if "error" not in r and "skipped" not in r), None)
+    if first_ok is not None:
+        settings.update(batch=first_ok["batch"], seq=first_ok["seq"], n_params=first_ok["n_params"])
     return {"settings": settings, "rows": rows, "wall_s": time.perf_counter() - t0}

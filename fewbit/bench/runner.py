@@ -10,6 +10,9 @@ gradient of the loss on the fixed batch once with every dropout probability set 
 that the difference from vanilla isolates the approximation (dropout masks would
 otherwise differ between configurations). The gradients go to ``grad_path`` as a dict
 name -> float32 tensor. Then dropout is restored and the step is profiled.
+
+A ``timing_only`` job (the later rounds of an interleaved benchmark) skips the gradient
+dump and the memory measurements: warm-up steps, then ``steps`` timed steps.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from fewbit.profile import (
     default_loss,
     profile_step,
     rss_step_peak,
+    time_steps,
 )
 
 __all__ = ["Job", "run_job", "RESULT_PREFIX", "DTYPES", "dropout_disabled"]
@@ -55,6 +59,7 @@ class Job:
     seed: int = 0
     grad_path: Optional[str] = None
     rss: bool = False
+    timing_only: bool = False
 
 
 @contextmanager
@@ -99,6 +104,10 @@ def run_job(job: Job) -> dict[str, Any]:
     amp = DTYPES[job.dtype]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     step = TrainStep(model, batch, default_loss, optimizer, amp)
+    if job.timing_only:
+        torch.manual_seed(job.seed + 2)
+        times = time_steps(step, job.steps, job.warmup, device)
+        return {"job": asdict(job), "step_times_s": times, "child_wall_s": time.perf_counter() - t0}
     if job.grad_path:
         _dump_grads(model, step, job.seed, job.grad_path)
     torch.manual_seed(job.seed + 2)
