@@ -36,7 +36,7 @@ are unaffected.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -51,6 +51,7 @@ __all__ = [
     "check_quant_bits",
     "check_group_size",
     "dequantize",
+    "draw_seed",
     "quantize",
     "quantized_nbytes",
 ]
@@ -64,6 +65,7 @@ META_BYTES_PER_GROUP = 4  # 16-bit lo + 16-bit scale
 # Elements processed at once: bounds the float32 transients (about three 4-MiB blocks).
 _CHUNK = 1 << 20
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass
@@ -144,13 +146,16 @@ def check_group_size(group_size: int, name: str = "group_size") -> int:
     return group_size
 
 
-def _rows(shape: Sequence[int], per_sample: bool) -> tuple[int, int]:
-    """(rows, row_len) of the grouping layout described in the module docstring."""
+def _rows(shape: Sequence[Any], per_sample: bool) -> tuple[Any, Any]:
+    """(rows, row_len) of the grouping layout described in the module docstring.
+
+    Works on ints and on the symbolic sizes of fake tensors (torch.compile).
+    """
     numel = 1
     for s in shape:
-        numel *= int(s)
+        numel = numel * s
     if per_sample and len(shape) >= 2 and numel > 0:
-        return int(shape[0]), numel // int(shape[0])
+        return shape[0], numel // shape[0]
     return (1, numel) if numel > 0 else (0, 0)
 
 
@@ -163,7 +168,7 @@ def quantized_nbytes(
     """
     check_quant_bits(bits)
     check_group_size(group_size)
-    rows, row_len = _rows(tuple(shape), per_sample)
+    rows, row_len = _rows(tuple(int(s) for s in shape), per_sample)
     n_groups = rows * (-(-row_len // group_size))
     return packed_nbytes(rows * row_len, bits) + META_BYTES_PER_GROUP * n_groups
 
@@ -216,8 +221,54 @@ def _grouped(flat: Tensor, nrows: int, ncols: int, group_size: int) -> Tensor:
     return x.reshape(-1, group_size)
 
 
+# ----------------------------------------------------------------------------- noise
+_M32 = 0xFFFFFFFF
+_SEED_HIGH = 2**62
+
+
+def draw_seed(generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+    """A fresh seed: one-element int64 tensor in ``[0, 2**62)`` on ``device``.
+
+    Drawn from ``generator`` on the generator's own device (the global RNG is then
+    untouched), else from the global RNG of ``device``. No host synchronisation.
+    """
+    if generator is None:
+        return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+    seed = torch.randint(
+        0, _SEED_HIGH, (1,), dtype=torch.int64, generator=generator, device=generator.device
+    )
+    return seed.to(device, non_blocking=True)
+
+
+def _mix32(h: Tensor) -> Tensor:
+    """A bijective 32-bit integer hash (xor-shift-multiply; "lowbias32" constants), int64
+    tensors holding values in ``[0, 2**32)``."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _M32
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & _M32
+    return h ^ (h >> 16)
+
+
+def _block_key(seed: Tensor, e0: int) -> Tensor:
+    """32-bit key of the block starting at element ``e0`` (int64 tensor ops: no sync)."""
+    k = seed ^ ((e0 * 0x9E3779B97F4A7C15) % 2**62)
+    return _mix32(((k >> 32) ^ _mix32(k & _M32)) & _M32)
+
+
+def _uniform(key: Tensor, n: int, device: torch.device) -> Tensor:
+    """``n`` float32 values in ``[0, 1)`` (24 random bits each) of one block.
+
+    Element ``i`` is ``mix32((i + key) mod 2**32) >> 8`` scaled by ``2**-24``: for a uniform
+    key every element's noise is exactly uniform on the 2**24 grid (mix32 is a bijection).
+    """
+    i = torch.arange(n, dtype=torch.int64, device=device)
+    return (_mix32((i + key) & _M32) >> 8).to(torch.float32) * 2.0**-24
+
+
+# ----------------------------------------------------------------------------- torch path
 def _quantize_block(
-    g: Tensor, bits: int, lo_dtype: torch.dtype, generator: torch.Generator | None
+    g: Tensor, noise: Tensor, bits: int, lo_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Codes (uint8, same shape as ``g``), lo and scale for float32 groups ``g``."""
     levels = (1 << bits) - 1
@@ -238,12 +289,150 @@ def _quantize_block(
     scale32 = torch.where(bad, 0.0, scale32)
     safe = torch.where(scale32 > 0, scale32, 1.0).unsqueeze(1)
     v = (g - lo32.unsqueeze(1)) / safe
-    v = torch.nan_to_num_(v, nan=0.0)  # NaN groups: any code, they decode to NaN
-    noise = torch.rand(g.shape, generator=generator, device=g.device, dtype=torch.float32)
-    codes = v.add_(noise).floor_().clamp_(0, levels).to(torch.uint8)
+    v = torch.nan_to_num(v, nan=0.0)  # NaN groups: any code, they decode to NaN
+    codes = (v + noise.view(g.shape)).floor().clamp(0, levels).to(torch.uint8)
     return codes, lo, scale
 
 
+def _encode_block(
+    x: Tensor, key: Tensor, nrows: int, ncols: int, bits: int, group_size: int,
+    lo_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Codes of ``nrows x ncols`` elements ``x`` in element order, lo and scale."""
+    g = _grouped(x, nrows, ncols, group_size)
+    noise = _uniform(key, g.numel(), g.device)
+    codes, lo, scale = _quantize_block(g, noise, bits, lo_dtype)
+    return codes.reshape(nrows, -1)[:, :ncols].reshape(-1), lo, scale
+
+
+def _torch_quantize(
+    x: Tensor, seed: Tensor | None, bits: int, group_size: int, per_sample: bool,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """PyTorch path: (packed, lo, scale); noise from ``seed`` (or the given ``noise``, one
+    float32 in [0, 1) per element in element order, for tests)."""
+    rows, row_len = _rows(x.shape, per_sample)
+    n_groups_row = -(-row_len // group_size) if row_len else 0
+    lo_dtype = _lo_dtype(x.dtype)
+    flat = x.reshape(-1)
+    codes = torch.empty(rows * row_len, dtype=torch.uint8, device=x.device)
+    lo = torch.empty(rows * n_groups_row, dtype=lo_dtype, device=x.device)
+    scale = torch.empty(rows * n_groups_row, dtype=torch.bfloat16, device=x.device)
+    for r0, r1, c0, c1 in _blocks(rows, row_len, group_size):
+        e0 = r0 * row_len + c0
+        e1 = (r1 - 1) * row_len + c1
+        nrows, ncols = r1 - r0, c1 - c0
+        if noise is None:
+            assert seed is not None
+            c, lo_b, scale_b = _encode_block(
+                flat[e0:e1], _block_key(seed, e0), nrows, ncols, bits, group_size, lo_dtype
+            )
+        else:
+            g = _grouped(flat[e0:e1], nrows, ncols, group_size)
+            u = _grouped(noise.reshape(-1)[e0:e1], nrows, ncols, group_size)
+            c, lo_b, scale_b = _quantize_block(g, u, bits, lo_dtype)
+            c = c.reshape(nrows, -1)[:, :ncols].reshape(-1)
+        g0 = r0 * n_groups_row + c0 // group_size
+        lo[g0 : g0 + lo_b.numel()] = lo_b
+        scale[g0 : g0 + scale_b.numel()] = scale_b
+        codes[e0:e1] = c
+    return _pack_chunked(codes, bits), lo, scale
+
+
+def _pack_chunked(codes: Tensor, bits: int) -> Tensor:
+    """bitpack.pack in chunks of a multiple of 8 codes (bounds its int64 transient)."""
+    if codes.numel() <= _CHUNK:
+        return pack(codes, bits)
+    return torch.cat([pack(codes[i : i + _CHUNK], bits) for i in range(0, codes.numel(), _CHUNK)])
+
+
+def _torch_dequantize(
+    packed: Tensor, lo: Tensor, scale: Tensor, shape: Sequence[int], dtype: torch.dtype,
+    bits: int, group_size: int, per_sample: bool,
+) -> Tensor:  # fmt: skip
+    """PyTorch path of :func:`dequantize` (contiguous output)."""
+    rows, row_len = _rows(shape, per_sample)
+    n_groups_row = -(-row_len // group_size) if row_len else 0
+    out = torch.empty(rows * row_len, dtype=dtype, device=packed.device)
+    lo32 = lo.float()
+    scale32 = scale.float()
+    for r0, r1, c0, c1 in _blocks(rows, row_len, group_size):
+        e0 = r0 * row_len + c0
+        e1 = (r1 - 1) * row_len + c1
+        a0 = e0 - e0 % 8  # bitpack needs a whole byte boundary: unpack from a multiple of 8
+        b0, b1 = a0 * bits // 8, packed_nbytes(e1, bits)
+        codes = unpack(packed[b0:b1], bits, e1 - a0)[e0 - a0 :]
+        nrows, ncols = r1 - r0, c1 - c0
+        c = _grouped(codes, nrows, ncols, group_size)
+        g0 = r0 * n_groups_row + c0 // group_size
+        g1 = g0 + c.shape[0]
+        v = torch.addcmul(lo32[g0:g1].unsqueeze(1), c, scale32[g0:g1].unsqueeze(1))
+        out[e0:e1] = v.reshape(nrows, -1)[:, :ncols].reshape(-1)
+    return out.reshape(tuple(shape))
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _kernel_quantizer(x: Tensor, group_size: int, per_sample: bool) -> Any:
+    """``fewbit.kernels.quantize`` when the policy and the layout allow it, else None."""
+    from ..kernels.policy import use_kernel  # the policy module does not import triton
+
+    if x.dtype not in _KERNEL_DTYPES or not use_kernel(x):
+        return None
+    from ..kernels import quantize as kq  # lazy: kernels sit above codecs
+
+    return kq if kq.supports(tuple(x.shape), group_size, per_sample) else None
+
+
+@torch.library.custom_op("fewbit::quantize", mutates_args=())
+def _quantize_op(
+    x: Tensor, seed: Tensor, bits: int, group_size: int, per_sample: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(packed, lo, scale) of ``x``: Triton kernel on CUDA (policy), else the torch path."""
+    kq = _kernel_quantizer(x, group_size, per_sample)
+    if kq is not None:
+        q = kq.quantize(x, bits, group_size, per_sample=per_sample, seed=seed)
+        return q.packed, q.lo, q.scale
+    return _torch_quantize(x, seed, bits, group_size, per_sample)
+
+
+@_quantize_op.register_fake
+def _quantize_fake(
+    x: Tensor, seed: Tensor, bits: int, group_size: int, per_sample: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    rows, row_len = _rows(x.shape, per_sample)
+    n_groups = rows * ((row_len + group_size - 1) // group_size)
+    packed = x.new_empty(((rows * row_len * bits + 7) // 8,), dtype=torch.uint8)
+    lo = x.new_empty((n_groups,), dtype=_lo_dtype(x.dtype))
+    return packed, lo, x.new_empty((n_groups,), dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("fewbit::dequantize", mutates_args=())
+def _dequantize_op(
+    packed: Tensor, lo: Tensor, scale: Tensor, shape: Sequence[int], dtype: torch.dtype,
+    bits: int, group_size: int, per_sample: bool,
+) -> Tensor:  # fmt: skip
+    """Contiguous ``lo + code * scale`` of ``shape``/``dtype``: kernel or torch path."""
+    from ..kernels.policy import use_kernel
+
+    if dtype in _KERNEL_DTYPES and use_kernel(packed):
+        from ..kernels import quantize as kq
+
+        if kq.supports(tuple(shape), group_size, per_sample):
+            q = QuantizedTensor(packed, lo, scale, torch.Size(shape), dtype, bits, group_size,
+                                per_sample)  # fmt: skip
+            return kq.dequantize(q)
+    return _torch_dequantize(packed, lo, scale, shape, dtype, bits, group_size, per_sample)
+
+
+@_dequantize_op.register_fake
+def _dequantize_fake(
+    packed: Tensor, lo: Tensor, scale: Tensor, shape: Sequence[int], dtype: torch.dtype,
+    bits: int, group_size: int, per_sample: bool,
+) -> Tensor:  # fmt: skip
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- public API
 def quantize(
     x: Tensor,
     bits: int,
@@ -255,8 +444,13 @@ def quantize(
     """Stochastically quantize floating ``x`` to ``bits`` in {1, 2, 4, 8} per element.
 
     Stores ``quantized_nbytes(x.shape, bits, group_size, per_sample)`` bytes (see the module
-    docstring for the layout). The rounding noise comes from ``generator`` when given (the
-    global RNG is then untouched), else from the global RNG of ``x``'s device.
+    docstring for the layout). The rounding noise is keyed by a seed drawn from ``generator``
+    when given (the global RNG is then untouched), else from the global RNG of ``x``'s device
+    (:func:`draw_seed`; no host sync). On CUDA the Triton kernel runs when
+    :func:`fewbit.kernels.use_kernel` says so and the layout allows it (same format, Philox
+    noise); elsewhere the PyTorch path (counter-hash noise, see :func:`_uniform`).
+    Traceable by ``torch.compile`` (custom op ``fewbit::quantize`` with a fake
+    implementation); with a ``generator`` the seed draw breaks the graph.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
@@ -266,59 +460,32 @@ def quantize(
     check_group_size(group_size)
     if generator is not None and generator.device.type != x.device.type:
         raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
-    rows, row_len = _rows(x.shape, per_sample)
-    n_groups_row = -(-row_len // group_size) if row_len else 0
-    lo_dtype = _lo_dtype(x.dtype)
-    flat = x.detach().reshape(-1)
-    codes = torch.empty(rows * row_len, dtype=torch.uint8, device=x.device)
-    lo = torch.empty(rows * n_groups_row, dtype=lo_dtype, device=x.device)
-    scale = torch.empty(rows * n_groups_row, dtype=torch.bfloat16, device=x.device)
-    for r0, r1, c0, c1 in _blocks(rows, row_len, group_size):
-        e0 = r0 * row_len + c0
-        e1 = (r1 - 1) * row_len + c1
-        nrows, ncols = r1 - r0, c1 - c0
-        g = _grouped(flat[e0:e1], nrows, ncols, group_size)
-        c, lo_b, scale_b = _quantize_block(g, bits, lo_dtype, generator)
-        g0 = r0 * n_groups_row + c0 // group_size
-        lo[g0 : g0 + lo_b.numel()] = lo_b
-        scale[g0 : g0 + scale_b.numel()] = scale_b
-        codes[e0:e1] = c.reshape(nrows, -1)[:, :ncols].reshape(-1)
-    packed = _pack_chunked(codes, bits)
+    seed = _seed_for(generator, x.device)
+    packed, lo, scale = torch.ops.fewbit.quantize(x.detach(), seed, bits, group_size, per_sample)
     return QuantizedTensor(
         packed, lo, scale, x.shape, x.dtype, bits, group_size, per_sample, saved_stride(x)
     )
 
 
-def _pack_chunked(codes: Tensor, bits: int) -> Tensor:
-    """bitpack.pack in chunks of a multiple of 8 codes (bounds its int64 transient)."""
-    if codes.numel() <= _CHUNK:
-        return pack(codes, bits)
-    return torch.cat([pack(codes[i : i + _CHUNK], bits) for i in range(0, codes.numel(), _CHUNK)])
+def _seed_for(generator: torch.Generator | None, device: torch.device) -> Tensor:
+    if generator is None:
+        return draw_seed(None, device)
+    return _draw_seed_eager(generator, device)
 
 
-def _unpack_range(q: QuantizedTensor, e0: int, e1: int) -> Tensor:
-    """Codes ``[e0, e1)`` (``e0`` a multiple of 8) as uint8."""
-    b0 = e0 * q.bits // 8
-    b1 = packed_nbytes(e1, q.bits)
-    return unpack(q.packed[b0:b1], q.bits, e1 - e0)
+@torch.compiler.disable
+def _draw_seed_eager(generator: torch.Generator, device: torch.device) -> Tensor:
+    """Generator objects cannot be traced: draw outside any compiled graph."""
+    return draw_seed(generator, device)
 
 
 def dequantize(q: QuantizedTensor) -> Tensor:
-    """Tensor of ``q.shape`` and ``q.dtype`` on ``q``'s device: ``lo + code * scale``."""
-    rows, row_len = _rows(q.shape, q.per_sample)
-    n_groups_row = -(-row_len // q.group_size) if row_len else 0
-    out = torch.empty(rows * row_len, dtype=q.dtype, device=q.packed.device)
-    lo32 = q.lo.float()
-    scale32 = q.scale.float()
-    for r0, r1, c0, c1 in _blocks(rows, row_len, q.group_size):
-        e0 = r0 * row_len + c0
-        e1 = (r1 - 1) * row_len + c1
-        a0 = e0 - e0 % 8  # bitpack needs a whole byte boundary: unpack from a multiple of 8
-        codes = _unpack_range(q, a0, e1)[e0 - a0 :]
-        nrows, ncols = r1 - r0, c1 - c0
-        c = _grouped(codes, nrows, ncols, q.group_size)
-        g0 = r0 * n_groups_row + c0 // q.group_size
-        g1 = g0 + c.shape[0]
-        v = torch.addcmul(lo32[g0:g1].unsqueeze(1), c, scale32[g0:g1].unsqueeze(1))
-        out[e0:e1] = v.reshape(nrows, -1)[:, :ncols].reshape(-1)
-    return restride(out.reshape(q.shape), q.stride)
+    """Tensor of ``q.shape`` and ``q.dtype`` on ``q``'s device: ``lo + code * scale``.
+
+    Laid out with ``q.stride`` when it was saved non-contiguous (see
+    :func:`fewbit.codecs.protocol.restride`).
+    """
+    out = torch.ops.fewbit.dequantize(
+        q.packed, q.lo, q.scale, list(q.shape), q.dtype, q.bits, q.group_size, q.per_sample
+    )
+    return restride(out, q.stride)

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..codecs.bitpack import check_bits, packed_nbytes
-from .launch import NUM_WARPS, check_launchable, groups_per_program
+from .launch import NUM_WARPS, check_launchable, device_guard, groups_per_program
 
 __all__ = [
     "byte_pad",
@@ -130,9 +130,10 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     if n == 0:
         return out
     groups = groups_per_program(flat)
-    _pack_kernel[_grid(n, groups)](
-        flat, out, n, nbytes, BITS=bits, P=byte_pad(bits), GROUPS=groups, num_warps=NUM_WARPS
-    )
+    with device_guard(flat):
+        _pack_kernel[_grid(n, groups)](
+            flat, out, n, nbytes, BITS=bits, P=byte_pad(bits), GROUPS=groups, num_warps=NUM_WARPS
+        )
     return out
 
 
@@ -152,7 +153,8 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
         return out
     flat = packed.reshape(-1).contiguous()
     groups = groups_per_program(flat)
-    _unpack_kernel[_grid(n, groups)](
-        flat, out, n, nbytes, BITS=bits, P=byte_pad(bits), GROUPS=groups, num_warps=NUM_WARPS
-    )
+    with device_guard(flat):
+        _unpack_kernel[_grid(n, groups)](
+            flat, out, n, nbytes, BITS=bits, P=byte_pad(bits), GROUPS=groups, num_warps=NUM_WARPS
+        )
     return out

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import ContextManager
 
 import torch
 from torch import Tensor
 
-__all__ = ["interpreting", "check_launchable", "groups_per_program", "precise", "NUM_WARPS"]
+__all__ = [
+    "NUM_WARPS",
+    "check_launchable",
+    "device_guard",
+    "groups_per_program",
+    "interpreting",
+    "precise",
+]
 
 # Compiled GPU kernels: 512 groups of 8 elements (4096 elements) per program, 4 warps:
 # 32 elements per thread, 16-byte vector loads for fp32 and bf16.
@@ -42,3 +51,15 @@ def precise(t: Tensor) -> bool:
 def groups_per_program(t: Tensor) -> int:
     """Groups of 8 elements handled by one program instance."""
     return INTERPRETER_GROUPS if interpreting() else GPU_GROUPS
+
+
+def device_guard(t: Tensor) -> ContextManager[object]:
+    """Context that makes ``t``'s GPU the current device while a kernel is launched.
+
+    Triton launches on the current CUDA device (and its current stream); without the guard a
+    tensor on ``cuda:1`` would be processed by a kernel queued on ``cuda:0``. A no-op for CPU
+    tensors (interpreter).
+    """
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

@@ -5,8 +5,13 @@ min/max, rounds ``lo`` down (bfloat16, or float16 for float16 inputs) and ``scal
 (bfloat16), draws ``c = floor((x - lo) / scale + u)`` and writes the packed codes and the
 4 bytes of metadata per group. ``dequantize`` reads the codes and metadata and writes
 ``lo + c * scale``. Same float32 operations as the torch codec, so given the same uniform
-noise ``u`` (argument ``noise``) the packed bytes, lo and scale are identical; by default ``u``
-comes from Triton's Philox generator keyed by ``(seed, element index)``.
+noise ``u`` (argument ``noise``) the packed bytes, lo and scale are identical.
+
+Noise by default: Philox-4x32 keyed by a 64-bit ``seed`` read from a one-element int64 tensor
+on the device (no host sync to draw it). Element ``e`` takes lane ``e % 4`` of the four
+32-bit words of ``philox(seed, counter=e // 4)`` (counter 64-bit: no repetition below 2**66
+elements), one Philox call per 4 elements, mapped to ``[0, 1)`` by
+``triton.language.random.uint_to_uniform_float``.
 
 Layout restriction: every group must start at a multiple of 8 elements (a packed-byte
 boundary): ``group_size % 8 == 0`` and, with several rows, ``row_len % 8 == 0``
@@ -22,14 +27,21 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.random import uint_to_uniform_float
 
 from ..codecs.bitpack import packed_nbytes
-from ..codecs.quantize import QuantizedTensor, check_group_size, check_quant_bits
+from ..codecs.quantize import (
+    MAX_GROUP_SIZE,
+    QuantizedTensor,
+    check_group_size,
+    check_quant_bits,
+    draw_seed,
+)
 from .bitpack import byte_pad, pack_groups, unpack_groups
 from .fmath import round_to
-from .launch import FLOAT_DTYPES, NUM_WARPS, check_launchable, interpreting
+from .launch import FLOAT_DTYPES, NUM_WARPS, check_launchable, device_guard, interpreting
 
-__all__ = ["dequantize", "quantize", "supports"]
+__all__ = ["dequantize", "philox_uniform", "quantize", "supports"]
 
 _GPU_ELEMENTS = 4096  # elements per program (whole groups)
 _INTERPRETER_ELEMENTS = 32768
@@ -55,6 +67,27 @@ def _finite(v):
 
 
 @triton.jit
+def _uniform(seed, elem, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """U[0, 1) noise of int64 element indices ``elem`` ([ROWS, COLS], runs of 4 consecutive
+    indices starting at multiples of 4 along a row): one Philox call per 4 elements."""
+    quad = tl.reshape(elem, (ROWS * COLS // 4, 4))
+    counter = tl.min(quad, axis=1) // 4
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    lo = tl.join(uint_to_uniform_float(r0), uint_to_uniform_float(r1))
+    hi = tl.join(uint_to_uniform_float(r2), uint_to_uniform_float(r3))
+    return tl.reshape(tl.join(lo, hi), (ROWS, COLS))
+
+
+@triton.jit
+def _noise_kernel(seed_ptr, out_ptr, start, n, BLOCK: tl.constexpr):
+    """Noise of elements ``start + [0, n)`` (``start`` a multiple of 4), for tests."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    elem = tl.reshape(start + i, (1, BLOCK))
+    u = tl.reshape(_uniform(tl.load(seed_ptr), elem, 1, BLOCK), (BLOCK,))
+    tl.store(out_ptr + i, u, mask=i < n)
+
+
+@triton.jit
 def _tile(
     pid, n_groups, groups_per_row, row_len, G: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr
 ):
@@ -71,7 +104,7 @@ def _tile(
 @triton.jit
 def _quantize_kernel(
     x_ptr, noise_ptr, packed_ptr, lo_ptr, scale_ptr,
-    n_groups, groups_per_row, row_len, nbytes, seed,
+    n_groups, groups_per_row, row_len, nbytes, seed_ptr,
     BITS: tl.constexpr, P: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr,
     LO_FP16: tl.constexpr, HAS_NOISE: tl.constexpr,
 ):  # fmt: skip
@@ -100,7 +133,7 @@ def _quantize_kernel(
     if HAS_NOISE:
         u = tl.load(noise_ptr + elem, mask=valid, other=0.0)
     else:
-        u = tl.rand(seed, elem.to(tl.uint32))
+        u = _uniform(tl.load(seed_ptr), elem, NG, GP)
     code = tl.minimum(tl.maximum(tl.floor(v + u), 0.0), levels * 1.0).to(tl.int32)
     code = tl.where(valid, code, 0)
     # pack: the tile's rows of GP codes are GP // 8 consecutive groups of 8
@@ -153,7 +186,8 @@ def _layout(shape: Sequence[int], group_size: int, per_sample: bool) -> tuple[in
 def supports(shape: Sequence[int], group_size: int, per_sample: bool = True) -> bool:
     """True when every group starts on a packed-byte boundary (see the module docstring)."""
     rows, row_len, _ = _layout(shape, group_size, per_sample)
-    return group_size % 8 == 0 and (rows <= 1 or row_len % 8 == 0) and group_size <= 65536
+    aligned = group_size % 8 == 0 and (rows <= 1 or row_len % 8 == 0)
+    return aligned and group_size <= MAX_GROUP_SIZE
 
 
 def _config(group_size: int) -> tuple[int, int]:
@@ -163,21 +197,37 @@ def _config(group_size: int) -> tuple[int, int]:
     return gp, max(1, per_program // gp)
 
 
+def _seed_tensor(
+    seed: int | Tensor | None, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """The seed as a one-element int64 tensor on ``device`` (drawn when None)."""
+    if seed is None:
+        seed = draw_seed(generator, device)
+    if isinstance(seed, Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(f"seed must be a one-element int64 tensor, got {seed.dtype}")
+        return seed.reshape(1).to(device, non_blocking=True)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return torch.tensor([seed], dtype=torch.int64).to(device, non_blocking=True)
+
+
 def quantize(
     x: Tensor,
     bits: int,
     group_size: int = 256,
     *,
     per_sample: bool = True,
-    seed: int | None = None,
+    seed: int | Tensor | None = None,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
 ) -> QuantizedTensor:
     """Triton version of :func:`fewbit.codecs.quantize.quantize` (same format).
 
     Noise: ``noise`` (float32 in [0, 1), one per element in row-major order) if given, else
-    Philox with ``seed`` (drawn from ``generator`` or torch's global RNG when None).
-    Stores ``ceil(numel*bits/8) + 4*n_groups`` bytes.
+    Philox keyed by ``seed`` (an int or a one-element int64 tensor, read on the device; drawn
+    by :func:`fewbit.codecs.quantize.draw_seed` from ``generator`` or the global RNG of
+    ``x``'s device when None). Stores ``ceil(numel*bits/8) + 4*n_groups`` bytes.
     """
     if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
         raise TypeError("x must be a float32, float16 or bfloat16 tensor for the kernel")
@@ -202,17 +252,38 @@ def quantize(
         if noise.numel() != n:
             raise ValueError(f"noise must have {n} elements, got {noise.numel()}")
         noise = noise.detach().reshape(-1).to(device=x.device, dtype=torch.float32).contiguous()
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+        seed_t = torch.zeros(1, dtype=torch.int64, device=x.device)  # unused
+    else:
+        seed_t = _seed_tensor(seed, generator, x.device)
     if n_groups:
         gp, ng = _config(group_size)
-        _quantize_kernel[(triton.cdiv(n_groups, ng),)](
-            flat, noise if noise is not None else flat, packed, lo, scale,
-            n_groups, gpr, row_len, nbytes, seed,
-            BITS=bits, P=byte_pad(bits), G=group_size, NG=ng, GP=gp,
-            LO_FP16=lo_dtype == torch.float16, HAS_NOISE=noise is not None, num_warps=NUM_WARPS,
-        )  # fmt: skip
+        with device_guard(x):
+            _quantize_kernel[(triton.cdiv(n_groups, ng),)](
+                flat, noise if noise is not None else flat, packed, lo, scale,
+                n_groups, gpr, row_len, nbytes, seed_t,
+                BITS=bits, P=byte_pad(bits), G=group_size, NG=ng, GP=gp,
+                LO_FP16=lo_dtype == torch.float16, HAS_NOISE=noise is not None,
+                num_warps=NUM_WARPS,
+            )  # fmt: skip
     return QuantizedTensor(packed, lo, scale, x.shape, x.dtype, bits, group_size, per_sample)
+
+
+def philox_uniform(seed: int | Tensor, start: int, n: int, device: torch.device | str) -> Tensor:
+    """The kernel's noise for elements ``[start, start + n)`` (``start % 4 == 0``), float32.
+
+    For tests and for reproducing the kernel's rounding outside it.
+    """
+    if start % 4:
+        raise ValueError(f"start must be a multiple of 4, got {start}")
+    device = torch.device(device)
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    seed_t = _seed_tensor(seed, None, device)
+    if n:
+        check_launchable(out, "device")
+        block = 1024
+        with device_guard(out):
+            _noise_kernel[(triton.cdiv(n, block),)](seed_t, out, start, n, BLOCK=block)
+    return out
 
 
 def dequantize(q: QuantizedTensor) -> Tensor:
@@ -227,8 +298,10 @@ def dequantize(q: QuantizedTensor) -> Tensor:
     out = torch.empty(rows * row_len, dtype=q.dtype, device=q.packed.device)
     if n_groups:
         gp, ng = _config(q.group_size)
-        _dequantize_kernel[(triton.cdiv(n_groups, ng),)](
-            q.packed, q.lo, q.scale, out, n_groups, gpr, row_len, q.packed.numel(),
-            BITS=q.bits, P=byte_pad(q.bits), G=q.group_size, NG=ng, GP=gp, num_warps=NUM_WARPS,
-        )  # fmt: skip
+        with device_guard(out):
+            _dequantize_kernel[(triton.cdiv(n_groups, ng),)](
+                q.packed, q.lo, q.scale, out, n_groups, gpr, row_len, q.packed.numel(),
+                BITS=q.bits, P=byte_pad(q.bits), G=q.group_size, NG=ng, GP=gp,
+                num_warps=NUM_WARPS,
+            )  # fmt: skip
     return out.reshape(q.shape)

@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from fewbit.kernels import force_kernels  # noqa: E402
 from fewbit.kernels import quantize as kq  # noqa: E402
 
 codec = importlib.import_module("fewbit.codecs.quantize")
@@ -19,11 +20,10 @@ CASES = [
 ]
 
 
-def codec_noise(shape: tuple, group_size: int, seed: int) -> torch.Tensor:
-    """The uniform draws the torch codec makes (one block: padded rows), in element order."""
-    rows, row_len, gpr = kq._layout(shape, group_size, True)
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand((rows, gpr * group_size), generator=gen)[:, :row_len].reshape(-1)
+def torch_path(x: torch.Tensor, bits: int, group_size: int, noise: torch.Tensor):
+    """The PyTorch path of the codec with the given noise (one float32 per element)."""
+    packed, lo, scale = codec._torch_quantize(x, None, bits, group_size, True, noise=noise)
+    return codec.QuantizedTensor(packed, lo, scale, x.shape, x.dtype, bits, group_size)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -39,8 +39,9 @@ def test_same_format_given_same_noise(bits: int, dtype: torch.dtype) -> None:
             x[1, 5] = float("nan")  # its group decodes to NaN
             x[2, 300] = float("inf")
             x[3, :256] = 0.25  # constant group: scale 0
-        ref = codec.quantize(x, bits, group_size, generator=torch.Generator().manual_seed(3))
-        got = kq.quantize(x, bits, group_size, noise=codec_noise(shape, group_size, 3))
+        noise = torch.rand(shape)
+        ref = torch_path(x, bits, group_size, noise)
+        got = kq.quantize(x, bits, group_size, noise=noise)
         assert same_bits(got.lo, ref.lo) and got.lo.dtype == ref.lo.dtype
         assert same_bits(got.scale, ref.scale)
         assert torch.equal(got.packed, ref.packed)
@@ -80,3 +81,72 @@ def test_layout_restrictions_and_errors() -> None:
         kq.quantize(torch.randn(64), 2, 8, noise=torch.rand(63))
     q = kq.quantize(torch.empty(0, 5), 2, 8)
     assert q.packed.numel() == 0 and kq.dequantize(q).shape == (0, 5)
+
+
+# ---- noise: four uniforms per Philox call, 64-bit counters ------------------------------
+def test_philox_noise_lanes_and_64bit_counter() -> None:
+    u = kq.philox_uniform(7, 0, 4096, "cpu")
+    # element e is lane e % 4 of philox(seed, e // 4): any 4-aligned window gives the same
+    assert torch.equal(kq.philox_uniform(7, 8, 16, "cpu"), u[8:24])
+    assert bool(((u >= 0) & (u < 1)).all())
+    # uniform: mean of 4096 draws has sd sqrt(1/12/4096) = 0.0045; allow 5 sd
+    assert abs(u.mean().item() - 0.5) < 5 * (1 / 12 / 4096) ** 0.5
+    # 4 lanes of one call are not copies of each other
+    lanes = u.view(-1, 4)
+    assert not torch.equal(lanes[:, 0], lanes[:, 1])
+    # past 2**32 elements (the old per-element uint32 counter wrapped there) and past 2**34
+    # (a 32-bit counter of quads would wrap there) the noise does not repeat
+    for start in (2**32, 2**34):
+        assert not torch.equal(kq.philox_uniform(7, start, 4096, "cpu"), u)
+    assert not torch.equal(kq.philox_uniform(8, 0, 4096, "cpu"), u)  # the seed matters
+
+
+def test_seed_drawn_on_the_generators_device() -> None:
+    x = torch.randn(4, 512)
+    gen = torch.Generator().manual_seed(4)
+    state = torch.get_rng_state()
+    a = kq.quantize(x, 2, 128, generator=gen)
+    b = kq.quantize(x, 2, 128, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.packed, b.packed)
+    assert torch.equal(torch.get_rng_state(), state)  # global RNG untouched
+    # the seed the codec draws (device= the generator's) keys the same noise
+    seed = codec.draw_seed(torch.Generator().manual_seed(4), x.device)
+    assert seed.dtype == torch.int64 and seed.shape == (1,)
+    assert torch.equal(kq.quantize(x, 2, 128, seed=seed).packed, a.packed)
+    with pytest.raises(ValueError, match="seed"):
+        kq.quantize(x, 2, 128, seed=-1)
+
+
+def test_group_size_above_cap_is_rejected_by_the_kernel() -> None:
+    assert kq.supports((8192,), codec.MAX_GROUP_SIZE)
+    assert not kq.supports((16384,), 2 * codec.MAX_GROUP_SIZE)
+    with pytest.raises(ValueError, match="group_size"):
+        kq.quantize(torch.randn(16384), 2, 2 * codec.MAX_GROUP_SIZE)
+
+
+# ---- dispatch through the codec -----------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_codec_dispatches_to_the_kernel_when_forced(dtype: torch.dtype) -> None:
+    x = (torch.randn(4, 1024) * 2).to(dtype)
+    with force_kernels(True):
+        q = codec.quantize(x, 2, 256, generator=torch.Generator().manual_seed(9))
+        y = codec.dequantize(q)
+    seed = codec.draw_seed(torch.Generator().manual_seed(9), x.device)
+    ref = kq.quantize(x, 2, 256, seed=seed)  # Philox noise: only the kernel draws these codes
+    assert torch.equal(q.packed, ref.packed) and same_bits(q.lo, ref.lo)
+    torch_path_codes = codec.quantize(x, 2, 256, generator=torch.Generator().manual_seed(9))
+    assert not torch.equal(torch_path_codes.packed, q.packed)  # the other path's noise differs
+    # the dequantizers agree bit for bit
+    with force_kernels(False):
+        assert torch.equal(codec.dequantize(q), y) and y.dtype == dtype
+
+
+def test_forced_dispatch_falls_back_for_layouts_the_kernel_lacks() -> None:
+    x = torch.randn(3, 20)  # rows of 20 elements: groups of 8 do not start on byte boundaries
+    assert not kq.supports(x.shape, 8)
+    gen = torch.Generator().manual_seed(2)
+    with force_kernels(True):
+        q = codec.quantize(x, 2, 8, generator=gen)
+        y = codec.dequantize(q)
+    ref = codec.quantize(x, 2, 8, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(q.packed, ref.packed) and torch.equal(y, codec.dequantize(ref))
