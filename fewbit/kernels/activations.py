@@ -21,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..approx.functions import CONTINUOUS, normalize_params
+from ..approx.registry import kernel_ids, kernel_mask_params
 from ..codecs.bitpack import check_bits, packed_nbytes
 from . import fmath
 from .bitpack import byte_pad, load_packed, store_packed
@@ -28,23 +29,12 @@ from .launch import FLOAT_DTYPES, NUM_WARPS, check_launchable, groups_per_progra
 
 __all__ = ["MASKED", "activation_backward", "activation_forward"]
 
-# Activation ids (compile-time constants of the forward kernel). Ids below _FIRST_TABLE
-# use an exact 1-bit mask; the others a boundary table.
-_RELU, _LEAKY_RELU, _THRESHOLD, _HARDSIGMOID, _HARDTANH, _HARDSHRINK, _SOFTSHRINK = range(7)
-_FIRST_TABLE = 10
-_ELU, _GELU, _GELU_TANH, _HARDSWISH, _LOGSIGMOID, _MISH = range(10, 16)
-_SIGMOID, _SILU, _SOFTPLUS, _SOFTSIGN, _TANH, _TANHSHRINK = range(16, 22)
+# Activation ids (compile-time constants of the forward kernel) and mask parameters come from
+# the activation registry (fewbit.approx.registry): ids below 10 use an exact 1-bit mask, the
+# others a boundary table; the branches of _forward_value below are numbered by these ids.
+_IDS: dict[str, int] = kernel_ids()
 
-MASKED: dict[str, dict[str, float]] = {
-    "relu": {},
-    "leaky_relu": {"negative_slope": 0.01},
-    "threshold": {"threshold": math.nan, "value": math.nan},
-    "hardsigmoid": {},
-    "hardtanh": {"min_val": -1.0, "max_val": 1.0},
-    "relu6": {},
-    "hardshrink": {"lambd": 0.5},
-    "softshrink": {"lambd": 0.5},
-}
+MASKED: dict[str, dict[str, float]] = kernel_mask_params()
 """Mask (1-bit) activations and their parameters with defaults (nan: required)."""
 
 _SELU_ALPHA = 1.6732632423543772848170429916717
@@ -229,23 +219,23 @@ def _masked_args(
     if missing:
         raise ValueError(f"{name} needs parameter(s) {missing}")
     if name == "relu":
-        return _RELU, 0.0, 0.0, 0.0, 0.0
+        return _IDS[name], 0.0, 0.0, 0.0, 0.0
     if name == "leaky_relu":
-        return _LEAKY_RELU, p["negative_slope"], 0.0, 0.0, 0.0
+        return _IDS[name], p["negative_slope"], 0.0, 0.0, 0.0
     if name == "threshold":
         th = p["threshold"]
-        return _THRESHOLD, th, p["value"], _as_dtype(th, dtype), 0.0
+        return _IDS[name], th, p["value"], _as_dtype(th, dtype), 0.0
     if name == "hardsigmoid":
-        return _HARDSIGMOID, 0.0, 0.0, 0.0, 0.0
+        return _IDS[name], 0.0, 0.0, 0.0, 0.0
     if name in ("hardtanh", "relu6"):
         lo, hi = (0.0, 6.0) if name == "relu6" else (p["min_val"], p["max_val"])
         if lo > hi:
             raise ValueError(f"max_val ({hi}) cannot be lower than min_val ({lo})")
-        return _HARDTANH, lo, hi, _as_dtype(lo, dtype), _as_dtype(hi, dtype)
+        return _IDS[name], lo, hi, _as_dtype(lo, dtype), _as_dtype(hi, dtype)
     lam = p["lambd"]
     if name == "softshrink" and lam < 0:
         raise ValueError(f"lambd must be >= 0, got {lam}")
-    act = _HARDSHRINK if name == "hardshrink" else _SOFTSHRINK
+    act = _IDS[name]
     return act, lam, 0.0, _as_dtype(lam, dtype), 0.0
 
 
@@ -259,22 +249,10 @@ def _table_args(name: str, params: Params | None) -> tuple[int, float, float, fl
         else:
             alpha, scale = p["alpha"], 1.0
             in_scale = 1.0 / alpha if name == "celu" else 1.0
-        return _ELU, f32(scale), f32(f32(alpha) * f32(scale)), f32(in_scale)
+        return _IDS[name], f32(scale), f32(f32(alpha) * f32(scale)), f32(in_scale)
     if name == "softplus":
-        return _SOFTPLUS, p["beta"], p["threshold"], 0.0
-    ids = {
-        "gelu": _GELU,
-        "gelu_tanh": _GELU_TANH,
-        "hardswish": _HARDSWISH,
-        "logsigmoid": _LOGSIGMOID,
-        "mish": _MISH,
-        "sigmoid": _SIGMOID,
-        "silu": _SILU,
-        "softsign": _SOFTSIGN,
-        "tanh": _TANH,
-        "tanhshrink": _TANHSHRINK,
-    }
-    return ids[name], 0.0, 0.0, 0.0
+        return _IDS[name], p["beta"], p["threshold"], 0.0
+    return _IDS[name], 0.0, 0.0, 0.0
 
 
 def _as_float32(value: float) -> float:
@@ -336,12 +314,12 @@ def activation_forward(
             raise ValueError(f"{name} uses an exact mask: boundaries must be None")
         act, a, b, c, d = _masked_args(name, params, x.dtype)
         bounds = torch.zeros(1, dtype=torch.float32, device=x.device)
-    elif name in CONTINUOUS:
+    elif name in CONTINUOUS and name in _IDS:
         act, a, b, c = _table_args(name, params)
         d = 0.0
         bounds = _bounds_tensor(boundaries, bits, x)
     else:
-        known = sorted([*MASKED, *CONTINUOUS])
+        known = sorted(_IDS)
         raise ValueError(f"unknown activation {name!r}; expected one of {known}")
     flat = x.reshape(-1).contiguous()
     n = flat.numel()
