@@ -147,8 +147,9 @@ def _is_integer(t: Tensor) -> bool:
 def _autocast_input(x: Tensor, entry: Activation, params: Mapping[str, Any]) -> Tensor:
     """x cast to the dtype autocast gives torch's op (CUDA runs softplus in float32, say);
     x itself when autocast is off or keeps its dtype. The probe is torch's op on 0 elements."""
-    if not torch.is_autocast_enabled(x.device.type):
-        return x
+    kind = x.device.type
+    if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
+        return x  # autocast is off, or does not exist for this device (meta)
     with torch.no_grad():
         dtype = entry.forward(x.new_empty(0), params).dtype
     return x if dtype == x.dtype else x.to(dtype)

@@ -349,3 +349,16 @@ def test_cuda_autocast_follows_torch_op_policy() -> None:
     assert torch.allclose(y.detach(), ref, rtol=1e-5, atol=1e-6)
     (gx,) = torch.autograd.grad(y.sum(), x)
     assert gx.dtype == torch.float16
+
+
+@pytest.mark.parametrize("entry", list(ACTIVATIONS.values()), ids=lambda e: e.name)
+def test_meta_tensors_propagate_shapes(entry: Activation) -> None:
+    """Without a gradient, meta inputs give torch's meta output (autocast on or off: autocast
+    has no meta backend, so the dtype probe must not ask it)."""
+    kwargs = _kwargs(entry, entry.variants[0])
+    x = torch.empty(3, 5, device="meta", dtype=torch.bfloat16)
+    for cast in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=cast):
+            y = few_bit_class(entry.name)(**kwargs)(x)
+        ref = entry.torch_module(**kwargs)(x)
+        assert y.device.type == "meta" and y.shape == ref.shape and y.dtype == ref.dtype
