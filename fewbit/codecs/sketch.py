@@ -5,7 +5,8 @@ A sketch replaces an ``N x f`` matrix ``X`` by ``k x f`` rows ``S^T X`` with a r
 unbiased estimate of ``G^T X`` for any ``G`` with ``N`` rows. The random matrix is never
 stored: it is regenerated from an integer seed, chunk by chunk, whenever it is needed.
 
-Kinds (``matmul`` names, as in the published FewBit API):
+Kinds (``matmul`` names: the published FewBit API's, and ``'countsketch'``, the default
+here; the published default was ``'gaussian'``):
 
 * ``'gaussian'``: ``S`` has i.i.d. ``N(0, 1/k)`` entries. Frobenius variance of the
   estimate of ``A^T B``: ``(||A||_F^2 ||B||_F^2 + ||A^T B||_F^2) / k``.
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DEFAULT_SKETCH",
     "DENSE_SKETCHES",
     "SEEDED_SKETCHES",
     "SKETCHES",
@@ -50,6 +52,9 @@ __all__ = [
 DENSE_SKETCHES = ("gaussian", "rademacher")
 SEEDED_SKETCHES = DENSE_SKETCHES + ("countsketch",)  # regenerated from a seed in backward
 SKETCHES = SEEDED_SKETCHES + ("sampling",)
+# The default ``matmul`` of the randomized layers: Rademacher's variance (never above the
+# Gaussian one) at O(N f) cost instead of a k x N random matrix and a k x N x f product.
+DEFAULT_SKETCH = "countsketch"
 
 _SEED_HIGH = 2**62
 
@@ -197,7 +202,7 @@ def project(mat: Tensor, k: int, seed: int, kind: str, chunk: int) -> Tensor:
     half inputs. Meta tensors give a meta result of that shape (nothing is drawn).
     """
     if kind == "countsketch":
-        return count_sketch(mat, k, seed, chunk)
+        return count_sketch(mat, k, seed)
     n, f = mat.shape
     work = _work_dtype(mat.dtype)
     out = torch.zeros(k, f, dtype=work, device=mat.device)
@@ -212,7 +217,7 @@ def project(mat: Tensor, k: int, seed: int, kind: str, chunk: int) -> Tensor:
     return out
 
 
-def count_sketch(mat: Tensor, k: int, seed: int, chunk: int) -> Tensor:
+def count_sketch(mat: Tensor, k: int, seed: int) -> Tensor:
     """``R^T mat`` (``k x f``) for the CountSketch matrix ``R`` (``n x k``, row ``i`` zero but
     for ``sign_i`` at column ``bucket_i``), regenerated from ``seed``: ``n`` bucket indices in
     ``[0, k)`` and ``n`` signs from a generator seeded with ``seed``.
@@ -220,7 +225,8 @@ def count_sketch(mat: Tensor, k: int, seed: int, chunk: int) -> Tensor:
     Cost: one pass over ``mat`` (``index_add_`` of each row into its signed bucket) and ``2 n``
     random integers. Extra memory: a ``2k x f`` accumulator (positive and negative buckets,
     float32 for half inputs), ``16 n`` bytes of indices and, for half inputs, a float32 copy of
-    ``chunk`` rows at a time. Returns float32 for half inputs.
+    ``2k`` rows at a time. Returns float32 for half inputs. On CUDA ``index_add_`` uses atomic
+    adds: bitwise reproducible from run to run under ``torch.use_deterministic_algorithms``.
     """
     n, f = mat.shape
     work = _work_dtype(mat.dtype)
@@ -228,7 +234,7 @@ def count_sketch(mat: Tensor, k: int, seed: int, chunk: int) -> Tensor:
         return torch.zeros(k, f, dtype=work, device=mat.device)
     index = _count_sketch_index(n, k, seed, mat.device)
     both = torch.zeros(2 * k, f, dtype=work, device=mat.device)
-    step = n if work == mat.dtype else max(1, chunk)
+    step = n if work == mat.dtype else 2 * k  # a float32 chunk no larger than the accumulator
     for start in range(0, n, step):
         stop = min(n, start + step)
         both.index_add_(0, index[start:stop], mat[start:stop].to(work))

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..codecs.sketch import check_proj_args, check_sketch
+from ..codecs.sketch import DEFAULT_SKETCH, check_proj_args, check_sketch
 from ..functional.linear import linear_crs, linear_randomized
 
 __all__ = ["LinearCRS", "LinearGRP", "RandomizedConv1D", "RandomizedLinear"]
@@ -101,11 +101,12 @@ class RandomizedLinear(_SketchSettings, nn.Linear):
     whole input, with ``k`` = ``proj_dim`` or ``round(proj_dim_ratio * N)`` (default ratio
     0.5), clamped to ``[proj_dim_min, proj_dim_max]`` and ``[1, N]``; the input itself when
     ``k = N``. Input and bias gradients are exact; the weight gradient is unbiased with the
-    variance of the chosen ``matmul`` (``'gaussian'``, ``'rademacher'``, ``'sampling'``;
-    see :mod:`fewbit.codecs.sketch`; ``'countsketch'`` has Rademacher's variance at a
-    fraction of the cost). A new projection is drawn for every call that will compute a
-    weight gradient, from ``generator`` when given (the global RNG is then never touched),
-    with the distributed rank folded in (``independent_ranks``, see
+    variance of the chosen ``matmul`` (``'countsketch'``, the default: Rademacher's variance,
+    one pass over the input; ``'gaussian'``, the published library's default;
+    ``'rademacher'``; ``'sampling'``; see :mod:`fewbit.codecs.sketch`). A new projection is
+    drawn for every call that will compute a weight gradient, from ``generator`` when given
+    (the global RNG is then never touched), with the distributed rank folded in
+    (``independent_ranks``, see
     :func:`fewbit.functional.linear.linear_randomized`). Under ``no_grad``,
     ``inference_mode`` or with a frozen weight the layer is exactly ``nn.Linear`` (no draw,
     no sketch); ``eval()`` changes nothing, as for ``nn.Linear``.
@@ -122,7 +123,7 @@ class RandomizedLinear(_SketchSettings, nn.Linear):
         proj_dim: Optional[int] = None,
         proj_dim_min: Optional[int] = None,
         proj_dim_max: Optional[int] = None,
-        matmul: str = "gaussian",
+        matmul: str = DEFAULT_SKETCH,
         generator: Optional[torch.Generator] = None,
         independent_ranks: bool = True,
     ) -> None:
@@ -191,7 +192,7 @@ class RandomizedConv1D(_SketchSettings, nn.Module):
         proj_dim: Optional[int] = None,
         proj_dim_min: Optional[int] = None,
         proj_dim_max: Optional[int] = None,
-        matmul: str = "gaussian",
+        matmul: str = DEFAULT_SKETCH,
         generator: Optional[torch.Generator] = None,
         independent_ranks: bool = True,
     ) -> None:

@@ -141,3 +141,42 @@ def test_importance_rows_all_zero_input_is_uniform() -> None:
     x = torch.zeros(5, 3)
     index, rows = importance_rows(x, 4, 0)
     assert index.shape == (4,) and rows.shape == (4, 3) and torch.all(rows == 0)
+
+
+def test_count_sketch_matrix_has_one_sign_per_row() -> None:
+    n, k = 40, 6
+    rt = project(torch.eye(n, dtype=torch.float64), k, 11, "countsketch", chunk=n)  # R^T
+    assert rt.shape == (k, n)
+    assert torch.equal(rt.abs().sum(0), torch.ones(n, dtype=torch.float64))  # one +-1 per row
+    assert set(rt.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    x = torch.randn(n, 3, dtype=torch.float64)
+    assert torch.allclose(project(x, k, 11, "countsketch", chunk=n), rt @ x, atol=1e-12)
+    assert not torch.equal(rt, project(torch.eye(n, dtype=torch.float64), k, 12, "countsketch",
+                                       chunk=n))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_count_sketch_half_accumulates_in_float32(dtype: torch.dtype) -> None:
+    n, k = 50, 4  # float32 copies of 2k = 8 rows at a time: 7 chunks
+    x = torch.randn(n, 5).to(dtype)
+    rt = project(torch.eye(n), k, 3, "countsketch", chunk=n).double()
+    out = project(x, k, 3, "countsketch", chunk=n)
+    assert out.dtype == torch.float32
+    # float32 sums of <= 50 exactly representable half values: within 50 * 2^-24 relative.
+    ref = rt @ x.double()
+    assert bool(((out.double() - ref).abs() <= 50 * 2**-24 * (rt.abs() @ x.double().abs())).all())
+
+
+def test_count_sketch_is_isotropic() -> None:
+    # E[R R^T] = I with no scaling: diagonal exactly 1; off-diagonal entries are +-1 with
+    # probability 1/k each (else 0): mean 0, variance 1/k per draw.
+    n, k, draws = 6, 4, 2000
+    eye = torch.eye(n, dtype=torch.float64)
+    acc = torch.zeros(n, n, dtype=torch.float64)
+    for seed in range(draws):
+        rt = project(eye, k, seed, "countsketch", chunk=n)
+        gram = rt.t() @ rt
+        assert torch.equal(gram.diagonal(), torch.ones(n, dtype=torch.float64))
+        acc += gram
+    # std of the mean <= sqrt(1 / (k D)) = 0.011; 7 sigma = 0.08 (max over 30 entries).
+    assert ((acc / draws) - eye).abs().max() < 0.08

@@ -259,7 +259,7 @@ def test_random_blocks_never_exceed_the_input(k: int, monkeypatch: pytest.Monkey
     monkeypatch.setattr(sketch, "_random_block", recording)
     n, fin, fout = 80, 3, 2
     w = torch.randn(fout, fin, requires_grad=True)
-    y = linear_randomized(torch.randn(n, fin), w, proj_dim=k)
+    y = linear_randomized(torch.randn(n, fin), w, proj_dim=k, matmul="gaussian")
     forward_blocks = list(blocks)
     y.sum().backward()
     assert max(forward_blocks) <= n * fin  # k x c block <= the N x in_features input

@@ -177,7 +177,8 @@ def test_cpu_dispatch_stays_on_torch_generators() -> None:
     g = torch.randn(30, 8)
     assert not fl._use_kernel(x, "gaussian")  # CPU tensors never dispatch to Triton
     seed = draw_seed(torch.Generator().manual_seed(5))
-    y = fl.linear_randomized(x, w, proj_dim=6, generator=torch.Generator().manual_seed(5))
+    y = fl.linear_randomized(x, w, proj_dim=6, matmul="gaussian",
+                             generator=torch.Generator().manual_seed(5))
     auto = torch.autograd.grad(y, w, g)[0]
     assert torch.equal(auto, _weight_grad(x, w, g, 6, "gaussian", seed, False))
     assert not torch.equal(auto, _weight_grad(x, w, g, 6, "gaussian", seed, True))
