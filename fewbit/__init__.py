@@ -3,11 +3,19 @@
 Between forward and backward, fewbit keeps few-bit codes of activation inputs,
 random sketches of linear-layer inputs, exact 1-bit masks and low-bit
 quantizations instead of full tensors. Swap ``torch.nn`` for ``fewbit``, or
-convert a model in place with :func:`fewbit.convert`.
+convert a model in place with one call::
+
+    fewbit.apply(model, fewbit.Activations(bits=3), fewbit.Sketch(ratio=0.2))
+    fewbit.apply(model, "L2")                 # ActNN's levels are named lists of configs
+
+The older entry points (:func:`fewbit.convert`, :func:`fewbit.QModule`,
+:func:`fewbit.util.map_module`) are aliases over the same handlers.
 """
 
-from . import approx, codecs, functional, levels, models, modules, profile, util
+from . import approx, codecs, configs, functional, handlers, levels, models, modules, profile, util
+from .apply import apply, unapply
 from .compress import SavedTensorCompressor, compress
+from .configs import Activations, Allocator, Compress, Generic, Sketch
 from .convert import ConversionReport, conversion_report, convert
 from .levels import CompressionConfig, QModule, convert_compressed, set_optimization_level
 from .modules import (
@@ -64,6 +72,15 @@ from .profile import StepProfile, profile_step, saved_bytes
 __version__ = "0.1.0"
 
 __all__ = [
+    "apply",
+    "unapply",
+    "configs",
+    "handlers",
+    "Activations",
+    "Allocator",
+    "Compress",
+    "Generic",
+    "Sketch",
     "CELU",
     "ELU",
     "GELU",

@@ -1,0 +1,1 @@
+"""Integrations with other libraries (imported only when used; none is a dependency)."""
