@@ -235,22 +235,17 @@ def _table(
     kernel: Optional[int],
     **options: Any,
 ) -> Activation:
-    """A table activation with one variant named after it."""
+    """An activation with one variant named after it: a table one, or a mask one when
+    ``options`` holds ``mask``."""
     return Activation(name, module, torch_module, forward, (Variant(name, kernel),), **options)
 
 
 def _mask(
-    name: str,
-    module: str,
-    torch_module: type[nn.Module],
-    forward: Callable[[Tensor, Params], Tensor],
-    kernel: Optional[int],
-    mask: Mask,
-    **options: Any,
-) -> Activation:
-    """A mask activation (one variant named after it)."""
-    variants = (Variant(name, kernel),)
-    return Activation(name, module, torch_module, forward, variants, mask=mask, **options)
+    name: str, module: str, torch_module: type[nn.Module], forward: Any, kernel: Optional[int],
+    mask: Mask, **options: Any,
+) -> Activation:  # fmt: skip
+    """A mask activation with one variant named after it."""
+    return _table(name, module, torch_module, forward, kernel, mask=mask, **options)
 
 
 # --- the entries ----------------------------------------------------------------------------------

@@ -1,31 +1,7 @@
 """nn.Module drop-in replacements that store less for backward."""
 
-from . import compressed
-from .activations import (
-    CELU,
-    ELU,
-    GELU,
-    SELU,
-    FewBitActivationModule,
-    Hardshrink,
-    Hardsigmoid,
-    Hardswish,
-    Hardtanh,
-    LeakyReLU,
-    LogSigmoid,
-    Mish,
-    ReLU,
-    ReLU6,
-    Sigmoid,
-    SiLU,
-    Softplus,
-    Softshrink,
-    Softsign,
-    Tanh,
-    Tanhshrink,
-    Threshold,
-    conversion_map,
-)
+from . import activations, compressed
+from .activations import *  # noqa: F403 - exactly the names of activations.__all__
 from .linear import LinearCRS, LinearGRP, RandomizedConv1D, RandomizedLinear
 
 __all__ = [
@@ -34,27 +10,5 @@ __all__ = [
     "LinearGRP",
     "RandomizedConv1D",
     "RandomizedLinear",
-    "CELU",
-    "ELU",
-    "GELU",
-    "FewBitActivationModule",
-    "Hardshrink",
-    "Hardsigmoid",
-    "Hardswish",
-    "Hardtanh",
-    "LeakyReLU",
-    "LogSigmoid",
-    "Mish",
-    "ReLU",
-    "ReLU6",
-    "SELU",
-    "Sigmoid",
-    "SiLU",
-    "Softplus",
-    "Softshrink",
-    "Softsign",
-    "Tanh",
-    "Tanhshrink",
-    "Threshold",
-    "conversion_map",
+    *activations.__all__,
 ]
