@@ -4,7 +4,8 @@
   :func:`convert_linear` turns an ``nn.Linear`` into another linear class sharing its
   parameters. Together: ``map_module(model, lambda m: convert_linear(m, RandomizedLinear,
   proj_dim_ratio=0.1))``.
-* :func:`traverse`, :func:`teniter`, :func:`estimate_memory_usage` walk an autograd graph;
+* :func:`traverse`, :func:`teniter`, :func:`estimate_memory_usage` walk an autograd graph
+  (the published semantics: leaves by default, saved tensors with ``saved_only=True``);
   :func:`memory_usage_hooks` counts what autograd saves while it is active.
 """
 
@@ -182,9 +183,15 @@ def teniter(variable: Tensor, include_ordinary: bool = True,
 
 
 def estimate_memory_usage(variable: Tensor, saved_only: bool = False) -> int:
-    """Bytes (``numel * element_size``) of the distinct tensors reachable from
-    ``variable``'s backward graph: saved tensors and leaves, or saved tensors only."""
-    tensors = teniter(variable, include_ordinary=not saved_only, include_saved=True)
+    """Bytes (``numel * element_size``) of distinct tensors reached from ``variable``'s
+    backward graph, as the published FewBit defines it: by default the leaves the graph
+    accumulates gradients into (parameters, and inputs that require grad); with
+    ``saved_only=True`` the tensors saved for backward instead. Tensors are told apart by
+    identity, so a saved output unpacked by two nodes may count twice (as published).
+
+    ``nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 1))`` on a ``(3, 8)`` input that requires
+    grad: ``4 * (3*8 + 4*8 + 4 + 1*4 + 1) = 260`` bytes (input and parameters)."""
+    tensors = teniter(variable, include_ordinary=not saved_only, include_saved=saved_only)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

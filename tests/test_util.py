@@ -128,4 +128,19 @@ def test_traverse_teniter_estimate() -> None:
     assert any(t is w for t in leaves)
     assert estimate_memory_usage(y, saved_only=True) == sum(
         t.numel() * t.element_size() for t in saved)
-    assert estimate_memory_usage(y) >= estimate_memory_usage(y, saved_only=True) + 16 * 8 * 4
+    # Issue 11 item 9: without saved_only the published function counts the leaves only
+    # (here w); this test used to assert leaves + saved tensors.
+    assert estimate_memory_usage(y) == 16 * 8 * 4
+
+
+def test_estimate_memory_usage_matches_published_fewbit() -> None:
+    # The published FewBit's own test case: input and parameters, 4 bytes each.
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 1))
+    xs = torch.randn(3, 8).requires_grad_()
+    assert estimate_memory_usage(model(xs)) == 4 * (3 * 8 + 4 * 8 + 4 + 1 * 4 + 1) == 260
+    # Without a gradient for the input only the parameters are leaves.
+    assert estimate_memory_usage(model(torch.randn(3, 8))) == 4 * (4 * 8 + 4 + 4 + 1)
+    # saved_only: a ReLU between the layers adds its (3, 4) output, as published.
+    relu = nn.Sequential(model[0], nn.ReLU(), model[1])
+    diff = estimate_memory_usage(relu(xs), True) - estimate_memory_usage(model(xs), True)
+    assert diff == 3 * 4 * 4
