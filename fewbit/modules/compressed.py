@@ -19,6 +19,9 @@ Composes with the rest of PyTorch as the layer it replaces:
 * ``torch.autocast``: the input is cast as autocast casts it for the layer's op (linear and
   convolutions to the autocast dtype; on CUDA LayerNorm/GroupNorm/Softmax to float32), so
   the tensor the op saves is the one compressed, and outputs have torch's dtype.
+* ``torch.compile``: inference traces as torch's layer; the training forward runs eagerly
+  between compiled graphs (one graph break per layer: saved-tensor hooks are not traceable),
+  with its saved activation quantized and strides preserved.
 * Activation checkpointing (``torch.utils.checkpoint`` with ``use_reentrant=False``, or
   :func:`fewbit.checkpoint.checkpoint`): inside a checkpoint region the layer runs as plain
   torch (the region keeps nothing for backward; compressing would make the checkpoint keep
@@ -374,7 +377,17 @@ class CompressedLayer(nn.Module):
         grads = torch.is_grad_enabled() and (
             input.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False))
         )
-        if not grads or checkpoint_active():
+        if not grads:
+            return fn(input, *args, **kwargs)
+        return self._compressed_training(fn, input, *args, **kwargs)
+
+    @torch.compiler.disable
+    def _compressed_training(self, fn: Callable[..., Tensor], input: Tensor, *args: Any,
+                             **kwargs: Any) -> Tensor:
+        """The training forward. Saved-tensor hooks cannot be traced: under torch.compile this
+        runs eagerly between compiled graphs (one graph break per layer), so the saved
+        activation is still quantized."""
+        if checkpoint_active():
             return fn(input, *args, **kwargs)
         spec = self.layer_spec()
         input = _autocast_input(input, spec.autocast)

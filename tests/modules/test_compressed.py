@@ -163,3 +163,90 @@ def test_layer_does_not_keep_its_full_precision_input_alive(make) -> None:
     assert ref() is None
     y.sum().backward()
     assert x.grad is not None
+
+
+# --- composition with autocast, torch.compile and the accounting (issue 11 items 2, 4) -------
+
+
+@pytest.mark.parametrize("cls,torch_cls,args,shape", CASES, ids=IDS)
+def test_autocast_follows_torch(cls, torch_cls, args, shape):
+    """Forward dtype and values are torch's under autocast, backward runs, and the tensor the
+    op saves (the autocast-cast input) is the one quantized."""
+    layer, ref = _pair(cls, torch_cls, args, 8)
+    x = torch.randn(shape, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        out_ref = ref(x)
+        with C.SavedBytesMeter(exclude=list(layer.parameters()) + list(layer.buffers())) as m:
+            out = layer(x)
+    assert out.dtype == out_ref.dtype
+    assert torch.equal(out, out_ref)
+    saved = out if cls is C.Softmax else (x.to(torch.bfloat16) if cls in LOW else x)
+    assert m.per_layer[id(layer)] == quantized_nbytes(saved.shape, 8)
+    g = torch.randn_like(out_ref)
+    (gx,) = torch.autograd.grad(out, x, g)
+    (gref,) = torch.autograd.grad(out_ref, x, g)
+    assert gx.dtype == torch.float32
+    # bf16 arithmetic in both (2**-8 relative) plus the 8-bit saved input (< 2.4% of the
+    # std per element, see above); normalisations amplify a few times.
+    assert _rel(gx, gref) < 0.1
+
+
+LOW = (C.Conv1d, C.Conv2d, C.Conv3d, C.ConvTranspose1d, C.ConvTranspose2d, C.ConvTranspose3d,
+       C.Linear)
+
+
+def test_llama_l2_trains_under_autocast():
+    """Issue 11 item 4: a Llama with compressed layers and attention under bf16 autocast."""
+    transformers = pytest.importorskip("transformers")
+    import fewbit
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    fewbit.QModule(model, level="L2")
+    assert any(isinstance(m, C.CompressedLayer) for m in model.modules())
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.autocast("cpu", torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_compiled_mlp_matches_eager():
+    """Issue 11 item 2: torch.compile of an MLP of compressed layers runs and matches eager
+    (the training forward runs eagerly inside the compiled model, still quantized)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(C.Linear(32, 64, bits=8), nn.GELU(), C.Linear(64, 32, bits=8))
+    x = torch.randn(4, 32, requires_grad=True)
+    compiled = torch.compile(mlp, backend="aot_eager")
+    outs, grads = [], []
+    for fn in (mlp, compiled):
+        with C.SavedBytesMeter(exclude=list(mlp.parameters())) as meter:
+            out = fn(x)
+        assert meter.per_layer[id(mlp[0])] == quantized_nbytes(x.shape, 8)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), [x, *mlp.parameters()]))
+    torch.testing.assert_close(outs[1], outs[0])  # forward is torch's own
+    # Independent 8-bit rounding noise in the two runs: < 2.4% of the std per element.
+    assert max(_rel(a, b) for a, b in zip(grads[1], grads[0])) < 0.05
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), mlp(x))
+
+
+def test_each_record_is_reported_once():
+    """Issue 9 item 3: one accounting path; a layer's record reaches an observer once."""
+    from fewbit.compress import observe_saved
+
+    layer = C.Linear(64, 32, bits=4)
+    x = torch.randn(8, 64, requires_grad=True)
+    seen = []
+    with observe_saved(lambda kept, nbytes: seen.append((kept, nbytes))):
+        with C.SavedBytesMeter(exclude=list(layer.parameters())) as meter:
+            layer(x)
+    records = [n for kept, n in seen if not isinstance(kept, torch.Tensor)]
+    assert records == [quantized_nbytes(x.shape, 4)]
+    assert meter.total == meter.compressed_bytes == quantized_nbytes(x.shape, 4)
