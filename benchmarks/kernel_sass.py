@@ -309,17 +309,16 @@ def _pack(kernel_input: str, bits: int) -> Callable[[Any], Any]:
     return build
 
 
-def _sketch(dtype_name: str, kind: str) -> Callable[[Any], Any]:
+def _sketch(kind: str) -> Callable[[Any], Any]:
     def build(mod: Any) -> tuple[dict[str, Any], dict[str, Any], int]:
         import torch
 
-        dtype = getattr(torch, dtype_name)
-        block_n, block_k, block_d = mod._GPU_BLOCKS
-        n, d, k = 16384, 768, 3277  # RoBERTa-base at batch 128, 20% of the rows
-        args = {"x_ptr": _t(dtype), "out_ptr": _t(dtype), "n": n, "d": d, "k": k,
-                "stride_n": d, "stride_d": 1, "seed": 2**40 + 1, "scale": 1.0 / k}  # fmt: skip
+        block_j, block_g = mod._GPU_BLOCKS
+        n, k = 16384, 3277  # RoBERTa-base at batch 128, 20% of the rows
+        args = {"out_ptr": _t(torch.float32), "k": k, "start": 0, "count": n, "stride_j": n,
+                "seed": 2**40 + 1}  # fmt: skip
         kind_id = mod._GAUSSIAN if kind == "gaussian" else mod._RADEMACHER
-        consts = {"KIND": kind_id, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d}
+        consts = {"KIND": kind_id, "BLOCK_J": block_j, "BLOCK_G": block_g}
         return args, consts, int(getattr(mod, "_GPU_WARPS", 4))
 
     return build
@@ -334,7 +333,7 @@ def _per_tile(c: dict[str, Any]) -> int:
 
 
 def _per_s_tile(c: dict[str, Any]) -> int:
-    return int(c["BLOCK_N"]) * int(c["BLOCK_K"])
+    return int(c["BLOCK_J"]) * int(c["BLOCK_G"]) * 4
 
 
 VARIANTS: list[Variant] = [
@@ -360,11 +359,10 @@ VARIANTS: list[Variant] = [
             _dequantize("bfloat16", 2, 256), _per_tile, 20.0),
     Variant("pack b3", "bitpack", "_pack_kernel", _pack("codes", 3), _per_group),
     Variant("unpack b3", "bitpack", "_unpack_kernel", _pack("packed", 3), _per_group),
-    Variant("sketch gaussian fp32", "sketch", "_project_kernel", _sketch("float32", "gaussian"),
-            _per_s_tile, None, "per S entry, one loop iteration"),
-    Variant("sketch rademacher bf16", "sketch", "_project_kernel",
-            _sketch("bfloat16", "rademacher"), _per_s_tile, None,
-            "per S entry, one loop iteration"),
+    Variant("sketch fill gaussian", "sketch", "_fill_kernel", _sketch("gaussian"),
+            _per_s_tile, None, "per S entry, made once per call"),
+    Variant("sketch fill rademacher", "sketch", "_fill_kernel", _sketch("rademacher"),
+            _per_s_tile, None, "per S entry, made once per call"),
 ]  # fmt: skip
 
 

@@ -46,18 +46,69 @@ def test_projection_equals_explicit_matrix(kind: str, transposed: bool) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_tiling_does_not_change_the_matrix(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """32 x 16 x 16 tiles (4 programs, 4 steps over N, last one partial) give the S of one
-    large tile."""
+def test_tiling_and_chunking_do_not_change_the_matrix(kind: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small fill tiles (16 x 4 groups: many programs, partial ones at both edges) and
+    chunks of 8 rows of X give the S of one large tile and one chunk."""
     n, d, k = 100, 32, 24
     x = torch.randn(n, d)
-    whole = ks.project(x, k, SEED, kind)
-    monkeypatch.setattr(ks, "_INTERPRETER_BLOCKS", (32, 16, 16))
-    tiled = ks.project(x, k, SEED, kind)
+    whole_s, whole = ks.fill(n, k, SEED, kind, "cpu"), ks.project(x, k, SEED, kind)
+    monkeypatch.setattr(ks, "_INTERPRETER_BLOCKS", (16, 4))
+    monkeypatch.setattr(ks, "chunk_columns", lambda n, k, d: 8)
+    assert torch.equal(ks.fill(n, k, SEED, kind, "cpu"), whole_s)  # bit for bit
+    chunked = ks.project(x, k, SEED, kind)
     s = explicit(n, k, SEED, kind)
     # Both are float32 sums of the same products in different orders: each within
     # gamma_N |S|^T |X| of the exact value.
-    assert bool(((tiled - whole).double().abs() <= 2 * fp32_dot_bound(s, x)).all())
+    assert bool(((chunked - whole).double().abs() <= 2 * fp32_dot_bound(s, x)).all())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_entry_is_generated_once_per_call(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: the random numbers of S are made once per call (k x N entries in all),
+    however wide X is (300 columns: 5 tiles of 64 in the old kernel, each regenerating S)."""
+    n, d, k = 90, 300, 40
+    made: list[int] = []
+    original = ks._fill
+
+    def counting(buf, k, start, count, seed, kind_id):  # type: ignore[no-untyped-def]
+        made.append(k * count)
+        return original(buf, k, start, count, seed, kind_id)
+
+    monkeypatch.setattr(ks, "_fill", counting)
+    monkeypatch.setattr(ks, "chunk_columns", lambda n, k, d: 32)  # 3 chunks of N
+    ks.project(torch.randn(n, d), k, SEED, kind)
+    assert sum(made) == k * n and len(made) == 3
+
+
+def test_chunks_bound_the_buffer() -> None:
+    for n, k, d in [(1000, 10, 8), (1000, 500, 8), (7, 3, 1), (64, 64, 1), (10, 1, 1), (5, 900, 2)]:
+        c = ks.chunk_columns(n, k, d)
+        assert c % 4 == 0 and 4 <= c <= 4 * ((n + 3) // 4)
+        assert k * c <= max(4 * k, n * d)  # the k x c buffer never exceeds X (or 4 columns)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernel_product_equals_torch_product_of_the_same_matrix(kind: str) -> None:
+    """The projection is torch's product of the generated S^T with X: with small integers
+    in X and +-1 in S every float32 sum is exact, so the two agree bit for bit."""
+    n, d, k = 64, 16, 8
+    x = torch.randint(-3, 4, (n, d)).float()
+    s_t = ks.fill(n, k, SEED, kind, "cpu")
+    if kind == "rademacher":
+        assert torch.equal(ks.project(x, k, SEED, kind), s_t @ x)
+    else:
+        ref = s_t.double() @ x.double()
+        bound = fp32_dot_bound(s_t.t().double(), x)
+        assert bool(((ks.project(x, k, SEED, kind).double() - ref).abs() <= bound).all())
+
+
+def test_counters_use_both_words() -> None:
+    """Entry (n, j) uses the 64-bit Philox offset j * 2**32 + n // 4: rows j >= 1 need the
+    high word (int64 offsets), and must not repeat row 0."""
+    s_t = ks.fill(64, 3, SEED, "gaussian", "cpu")
+    assert not torch.equal(s_t[0], s_t[1]) and not torch.equal(s_t[1], s_t[2])
+    assert len(set(s_t.flatten().tolist())) == s_t.numel()  # continuous values: all distinct
 
 
 @pytest.mark.parametrize("kind", KINDS)
