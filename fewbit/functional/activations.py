@@ -107,6 +107,9 @@ def apply_activation(
     check_bits(entry.default_bits if bits is None else bits)
     if table is not None and entry.is_mask:
         raise TypeError(f"{entry.name} saves an exact mask: it takes no table")
+    custom = None if table is None else _as_table(table)
+    if not (torch.is_grad_enabled() and input.requires_grad):
+        return entry.forward(input, params)  # nothing to save: exactly torch's op, no extra work
     input = _autocast_input(input, entry, params)
     variant = entry.variant(params)
     kernel = variant.name if variant.kernel is not None else None
@@ -122,11 +125,10 @@ def apply_activation(
         )
         return apply_fewbit(input, spec)
     width = entry.default_bits if bits is None else bits
-    if table is None:
+    chosen = custom
+    if chosen is None:
         with private_autograd():  # a first use of new parameters builds a table
             chosen = get_table(variant.name, width, numeric)
-    else:
-        chosen = _as_table(table)
     spec = ActivationSpec(
         forward,
         chosen.encode,

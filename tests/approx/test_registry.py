@@ -362,3 +362,48 @@ def test_meta_tensors_propagate_shapes(entry: Activation) -> None:
             y = few_bit_class(entry.name)(**kwargs)(x)
         ref = entry.torch_module(**kwargs)(x)
         assert y.device.type == "meta" and y.shape == ref.shape and y.dtype == ref.dtype
+
+
+@pytest.mark.parametrize("item", VARIANTS, ids=_vid)
+def test_without_grad_only_torch_op_runs(item: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No gradient needed (no_grad, or an input that does not require it): the op core and
+    the table lookup are never reached; the output is torch's (issue 11 item 1)."""
+    entry, variant = item
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("reached the few-bit path without a gradient")
+
+    monkeypatch.setattr(FA, "apply_fewbit", fail)
+    monkeypatch.setattr(FA, "get_table", fail)
+    kwargs = _kwargs(entry, variant)
+    x = _inputs(entry, variant, torch.float32)
+    ref = entry.torch_module(**kwargs)(x)
+    assert torch.equal(getattr(FB, entry.name)(x, **kwargs), ref)
+    with torch.no_grad():
+        y = few_bit_class(entry.name)(**kwargs)(x.clone().requires_grad_(True))
+    assert torch.equal(y, ref) and y.grad_fn is None
+
+
+def test_every_module_class_and_function_is_registered() -> None:
+    """A few-bit class or functional form written without a registry entry is caught."""
+    from fewbit.modules import activations as MA
+
+    classes = {
+        c for c in vars(MA).values()
+        if isinstance(c, type) and issubclass(c, MA.FewBitActivationModule)
+    } - {MA.FewBitActivationModule}  # fmt: skip
+    assert classes == {few_bit_class(name) for name in ACTIVATIONS}
+    functions = set(FA.__all__) - {"activation", "apply_activation"}
+    assert functions == set(ACTIVATIONS)
+
+
+def test_modules_pickle_and_deepcopy() -> None:
+    import copy
+    import pickle
+
+    m = nn.Sequential(fewbit.GELU(approximate="tanh", bits=2), fewbit.LeakyReLU(0.2))
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert clone[0].bits == 2 and clone[0].approximate == "tanh"
+        assert clone[0].activation_entry is ACTIVATIONS["gelu"]
+        x = torch.randn(10)
+        assert torch.equal(clone(x), m(x))
