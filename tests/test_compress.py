@@ -416,3 +416,38 @@ def test_compiled_multihead_attention_backward() -> None:
     # by at most one step (range/255 of its group), so gradients agree to a few percent.
     rel = (grads[0] - grads[1]).norm() / grads[0].norm()
     assert rel < 0.05
+
+
+def _full_copies(fn: Callable[[], Any], numel: int) -> list[str]:
+    """Names of the copy ops (clone, contiguous copies) over >= ``numel`` elements in fn()."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    copies = ("clone", "copy_", "_to_copy", "contiguous")
+
+    class Log(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__
+            if isinstance(out, Tensor) and out.numel() >= numel and name.startswith(copies):
+                self.ops.append(name)
+            return out
+
+    log = Log()
+    with log:
+        fn()
+    return log.ops
+
+
+def test_transposed_tensor_is_encoded_and_decoded_without_copies() -> None:
+    """Issue 10 item 4: a dense non-contiguous saved tensor costs one encode and one decode,
+    no contiguous copy on either side (before: a clone in pack and one in unpack)."""
+    comp = SavedTensorCompressor(2)
+    t = torch.randn(64, 128).t()
+    box: list[Any] = []
+    assert _full_copies(lambda: box.append(comp.pack(t)), t.numel()) == []
+    assert _full_copies(lambda: box.append(comp.unpack(box[0])), t.numel()) == []
+    assert box[1].stride() == t.stride()

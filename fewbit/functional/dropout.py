@@ -5,8 +5,9 @@ of torch's ``n``-element noise tensor in the input dtype (the CPU keeps it as fl
 Gradients are bitwise torch's.
 
 Passes over ``n`` elements (CPU, eager): forward draws the noise (write), turns it into the
-mask (read/write), scales it (read/write), multiplies (read x, write y) and packs the mask;
-backward unpacks the mask, scales it and multiplies.
+mask (read/write), scales it (read/write), multiplies (read x, write y) and packs the mask
+(:class:`~fewbit.codecs.protocol.BitPacker`); backward unpacks the mask to bytes, converts
+them to the gradient's dtype, scales and multiplies (before: one more pass, bytes -> bool).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ..codecs.protocol import MaskPacker
+from ..codecs.protocol import BitPacker
 from .saved import load_encoded, save_encoded
 
 __all__ = ["dropout"]
@@ -36,7 +37,9 @@ class _Dropout(torch.autograd.Function):
         mask = noise.ne(0)
         noise.div_(1 - p)
         ctx.p = p  # type: ignore[attr-defined]
-        save_encoded(ctx, MaskPacker().encode(mask))
+        # Encoded as 1-bit uint8 codes: backward decodes them straight to 0/1 bytes (no bool
+        # conversion pass) and converts once to the gradient's dtype.
+        save_encoded(ctx, BitPacker(1).encode(mask.view(torch.uint8)))
         del mask
         if inplace:
             ctx.mark_dirty(x)
