@@ -75,47 +75,39 @@ def _grid(out_shape: Sequence[int], dims: int, d: int, device: torch.device) -> 
     return torch.arange(size, device=device).view(view)
 
 
-def _encode_offsets(
-    idx: Tensor,
-    in_spatial: Sequence[int],
-    kernel: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> Tensor:
-    """Flat input indices (int64, output shape) -> position inside the window (int64)."""
+Geometry = Tuple[Sequence[int], Sequence[int], Sequence[int], Sequence[int], Sequence[int]]
+
+
+def _axes(shape: Sequence[int], geom: Geometry, device: torch.device) -> Any:
+    """Per spatial dim, innermost first: (window start of each output position, input stride
+    of the dim in flat indices, window stride of the dim in window offsets, kernel, dilation,
+    input size). ``geom`` = (input spatial sizes, kernel, stride, padding, dilation)."""
+    in_spatial, kernel, stride, padding, dilation = geom
     dims = len(kernel)
-    code = torch.zeros_like(idx)
     inner_in = 1
     inner_k = 1
     for d in reversed(range(dims)):
-        coord = torch.div(idx, inner_in, rounding_mode="floor") % in_spatial[d]
-        start = _grid(idx.shape, dims, d, idx.device) * stride[d] - padding[d]
-        code += torch.div(coord - start, dilation[d], rounding_mode="floor") * inner_k
+        start = _grid(shape, dims, d, device) * stride[d] - padding[d]
+        yield start, inner_in, inner_k, kernel[d], dilation[d], in_spatial[d]
         inner_in *= in_spatial[d]
         inner_k *= kernel[d]
+
+
+def _encode_offsets(idx: Tensor, geom: Geometry) -> Tensor:
+    """Flat input indices (int64, output shape) -> position inside the window (int64)."""
+    code = torch.zeros_like(idx)
+    for start, inner_in, inner_k, _, dilation, size in _axes(idx.shape, geom, idx.device):
+        coord = torch.div(idx, inner_in, rounding_mode="floor") % size
+        code += torch.div(coord - start, dilation, rounding_mode="floor") * inner_k
     return code
 
 
-def _decode_offsets(
-    code: Tensor,
-    in_spatial: Sequence[int],
-    kernel: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> Tensor:
+def _decode_offsets(code: Tensor, geom: Geometry) -> Tensor:
     """Inverse of :func:`_encode_offsets`."""
-    dims = len(kernel)
     idx = torch.zeros_like(code)
-    inner_in = 1
-    inner_k = 1
-    for d in reversed(range(dims)):
-        off = torch.div(code, inner_k, rounding_mode="floor") % kernel[d]
-        start = _grid(code.shape, dims, d, code.device) * stride[d] - padding[d]
-        idx += (start + off * dilation[d]) * inner_in
-        inner_in *= in_spatial[d]
-        inner_k *= kernel[d]
+    for start, inner_in, inner_k, kernel, dilation, _ in _axes(code.shape, geom, code.device):
+        off = torch.div(code, inner_k, rounding_mode="floor") % kernel
+        idx += (start + off * dilation) * inner_in
     return idx
 
 
@@ -166,7 +158,7 @@ class _MaxPool(torch.autograd.Function):
         out, idx = _MAXPOOL_FWD[op_dims](xin, k, s, p, d, ceil_mode)
         bits = window_offset_bits(k)
         in_spatial = tuple(xin.shape[-op_dims:])
-        code = _encode_offsets(idx, in_spatial, k, s, p, d)
+        code = _encode_offsets(idx, (in_spatial, k, s, p, d))
         ctx.args = (op_dims, k, s, p, d, ceil_mode, bits)  # type: ignore[attr-defined]
         ctx.in_shape = xin.shape  # type: ignore[attr-defined]
         ctx.out_shape = out.shape  # type: ignore[attr-defined]
@@ -182,7 +174,7 @@ class _MaxPool(torch.autograd.Function):
         op_dims, k, s, p, d, ceil_mode, bits = ctx.args
         code = _load_codes(stored, ctx.out_shape, grad.device)
         in_spatial = tuple(ctx.in_shape[-op_dims:])
-        idx = _decode_offsets(code, in_spatial, k, s, p, d)
+        idx = _decode_offsets(code, (in_spatial, k, s, p, d))
         g = grad.unsqueeze(-2) if ctx.squeeze else grad
         fmt = (
             torch.channels_last
