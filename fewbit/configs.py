@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
 
+from .codecs.sketch import DEFAULT_SKETCH, SKETCHES
+
 __all__ = [
     "COMPRESS_GROUPS",
     "DEFAULT_LINEAR_EXCLUDE",
@@ -40,7 +42,6 @@ DEFAULT_LINEAR_EXCLUDE = r"(^|\.)(classifier|pooler|lm_head|score|qa_outputs|cls
 COMPRESS_GROUPS = ("conv", "linear", "norm", "softmax", "attention", "lossless")
 
 _QUANT_BITS = (1, 2, 4, 8)
-_SKETCH_KINDS = ("gaussian", "rademacher", "sampling")
 
 
 def _int(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
@@ -115,13 +116,14 @@ class Sketch:
 
     Saved for backward: ``ratio * N`` rows of a random sketch of each ``N x in`` linear input
     instead of the input (input and bias gradients exact, weight gradient unbiased).
-    ``kind``: ``'gaussian'``, ``'rademacher'`` or ``'sampling'`` (norm-proportional rows).
+    ``kind``: a ``matmul`` of :mod:`fewbit.codecs.sketch` (``'countsketch'``, the default,
+    ``'gaussian'``, ``'rademacher'``, ``'sampling'``).
     ``exclude``: regex searched in dotted module paths of linears kept exact (task heads by
     default; None converts every linear).
     """
 
     ratio: float = 0.2
-    kind: str = "gaussian"
+    kind: str = DEFAULT_SKETCH
     exclude: Optional[str] = DEFAULT_LINEAR_EXCLUDE
     version: int = 1
 
@@ -129,8 +131,8 @@ class Sketch:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not (
                 0.0 < float(self.ratio) <= 1.0):
             raise ValueError(f"ratio must be a number in (0, 1], got {self.ratio!r}")
-        if self.kind not in _SKETCH_KINDS:
-            raise ValueError(f"kind must be one of {list(_SKETCH_KINDS)}, got {self.kind!r}")
+        if self.kind not in SKETCHES:
+            raise ValueError(f"kind must be one of {list(SKETCHES)}, got {self.kind!r}")
         if self.exclude is not None:
             re.compile(self.exclude)
 
