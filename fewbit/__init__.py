@@ -12,10 +12,22 @@ The older entry points (:func:`fewbit.convert`, :func:`fewbit.QModule`,
 :func:`fewbit.util.map_module`) are aliases over the same handlers.
 """
 
-from . import approx, codecs, configs, functional, handlers, levels, models, modules, profile, util
+from . import (
+    approx,
+    checkpoint,
+    codecs,
+    configs,
+    functional,
+    handlers,
+    levels,
+    models,
+    modules,
+    profile,
+    util,
+)
 from .apply import apply, unapply
 from .compress import SavedTensorCompressor, compress
-from .configs import Activations, Allocator, Compress, Generic, Sketch
+from .configs import Activations, Allocator, Checkpoint, Compress, Generic, Sketch
 from .convert import ConversionReport, conversion_report, convert
 from .levels import CompressionConfig, QModule, convert_compressed, set_optimization_level
 from .modules import (
@@ -76,8 +88,10 @@ __all__ = [
     "unapply",
     "configs",
     "handlers",
+    "checkpoint",
     "Activations",
     "Allocator",
+    "Checkpoint",
     "Compress",
     "Generic",
     "Sketch",

@@ -12,6 +12,7 @@ Activations     few-bit activation derivatives (GELU/SiLU/... ``bits``, ReLU-lik
 Sketch          randomized linear layers: a ``ratio`` sketch of each linear input is saved
 Compress        ActNN-style layers: inputs of conv/linear/norm/softmax/attention quantized
 Generic         every floating saved tensor of the model's forward quantized (saved-tensor hooks)
+Checkpoint      checkpoint regions (model blocks) whose inputs are stored quantized
 Allocator       CUDA caching-allocator settings of ActNN's L3.1 / L5 (prototype, CUDA only)
 ==============  ================================================================================
 """
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_LINEAR_EXCLUDE",
     "Activations",
     "Allocator",
+    "Checkpoint",
     "Compress",
     "Config",
     "Generic",
@@ -200,6 +202,34 @@ class Generic:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """Activation checkpointing of the model's blocks with their inputs stored quantized
+    (:func:`fewbit.checkpoint.checkpoint`).
+
+    Each region keeps nothing for backward but its floating inputs of at least ``min_numel``
+    elements, quantized to ``bits`` (1, 2, 4, 8) in groups of ``group_size`` (8.125 bits per
+    element at the defaults, 3.9x less than float32); backward runs the region's forward
+    once more. ``regions``: regex searched in dotted module paths; None picks the blocks of
+    every ``nn.ModuleList`` and of every ``nn.Sequential`` of two or more modules of one class
+    (transformer layers, residual blocks). Do not also turn on Hugging Face's
+    ``gradient_checkpointing``: the regions would be checkpointed twice.
+    """
+
+    bits: int = 8
+    group_size: int = 256
+    min_numel: int = 1024
+    regions: Optional[str] = None
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        _quant_bits(self.bits)
+        _group_size(self.group_size)
+        _int("min_numel", self.min_numel, 0)
+        if self.regions is not None:
+            re.compile(self.regions)
+
+
+@dataclass(frozen=True)
 class Allocator:
     """CUDA caching-allocator settings (ActNN's L3.1 and L5; prototype, CUDA only).
 
@@ -223,4 +253,4 @@ class Allocator:
             raise ValueError(f"empty_cache_threshold must be None or in [0, 1], got {t!r}")
 
 
-Config = Union[Activations, Sketch, Compress, Generic, Allocator]
+Config = Union[Activations, Sketch, Compress, Generic, Checkpoint, Allocator]

@@ -240,3 +240,58 @@ def test_peft_model_converts_and_trains() -> None:
     model.eval()
     with torch.no_grad():  # eval: original attention, exact layers
         assert torch.equal(model(input_ids=ids).logits, reference.eval()(input_ids=ids).logits)
+
+
+# --- Checkpoint ------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.tanh(self.fc1(x)))
+
+
+def test_checkpoint_regions_are_the_blocks() -> None:
+    from fewbit.handlers.checkpoint import default_regions
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Sequential(_Block(), _Block(), _Block()),
+                          nn.Linear(32, 2))
+    assert default_regions(model) == ["1.0", "1.1", "1.2"]
+    reference = copy.deepcopy(model)
+    x = torch.randn(64, 16)
+    fewbit.apply(model, fewbit.Checkpoint(bits=8))
+    report = fewbit.conversion_report(model)
+    assert [e.path for e in report.converted if e.kind == "checkpoint"] == ["1.0", "1.1", "1.2"]
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))  # forward exact
+    got, want = _grads(model, x), _grads(reference, x)
+    for g, w in zip(got, want):
+        # 8-bit region inputs: each off by < range/255 of its group, unbiased; the gradients
+        # through two tanh blocks stay within a few percent of torch's.
+        assert (g - w).norm() / w.norm() < 0.05
+    clone = pickle.loads(pickle.dumps(model))
+    assert [e.kind for e in fewbit.conversion_report(clone).converted] == ["checkpoint"] * 3
+    fewbit.apply(model, fewbit.Compress(bits=4))  # class swaps keep regions bound correctly
+    assert model[1][0].__dict__["forward"].module is model[1][0]
+    _grads(model, x)
+    fewbit.unapply(model)
+    assert "forward" not in model[1][0].__dict__ and type(model[0]) is nn.Linear
+
+
+def test_checkpoint_on_a_transformers_model() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_llama_config(transformers))
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (2, 16))
+    fewbit.apply(model, fewbit.Checkpoint(bits=8))
+    regions = [e.path for e in fewbit.conversion_report(model).converted]
+    assert regions == ["model.layers.0"]
+    got, want = _lm_grads(model, ids), _lm_grads(reference, ids)
+    assert set(got) == set(want)
+    for k in want:  # 8-bit hidden states at the layer boundary (see the test above)
+        assert (got[k] - want[k]).norm() / want[k].norm() < 0.05, k

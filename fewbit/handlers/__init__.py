@@ -7,6 +7,7 @@ Activations            :mod:`fewbit.handlers.activations`           few-bit acti
 Sketch                 :mod:`fewbit.handlers.sketch`                RandomizedLinear/Conv1D
 Compress               :mod:`fewbit.handlers.compress`              compressed layers, attention
 Generic                :mod:`fewbit.handlers.generic`               root hooks (compress mode)
+Checkpoint             :mod:`fewbit.handlers.checkpoint`            region forwards
 Allocator              :mod:`fewbit.prototype.allocator`            root hook, allocator env
 =====================  ===========================================  ===========================
 
@@ -17,7 +18,7 @@ only dispatch to them. Adding a kind: a frozen dataclass in :mod:`fewbit.configs
 """
 
 from ..prototype import allocator  # registers the Allocator handler (a prototype)
-from . import activations, compress, generic, sketch
+from . import activations, checkpoint, compress, generic, sketch
 from .base import HANDLERS, ConversionEntry, Handler, handler_for, register_handler
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "Handler",
     "activations",
     "allocator",
+    "checkpoint",
     "compress",
     "generic",
     "handler_for",

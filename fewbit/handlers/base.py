@@ -129,6 +129,10 @@ def swap_class(module: nn.Module, cls: Type[nn.Module]) -> nn.Module:
     (the same dicts), recorded as replacing ``module``."""
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
+    for name, value in list(new.__dict__.items()):
+        rebind = getattr(value, "rebind", None)
+        if callable(rebind) and not isinstance(value, nn.Module):
+            new.__dict__[name] = rebind(new)  # instance attributes bound to the old object
     return remember(new, module)
 
 
