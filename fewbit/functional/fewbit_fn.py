@@ -2,23 +2,36 @@
 
 Forward computes torch's own activation (so the output is torch's, bit for bit)
 and stores, for backward, only a packed code of the input: ``ceil(n*bits/8)``
-bytes instead of the ``n * element_size`` bytes torch keeps. Backward returns
+bytes instead of the ``n * element_size`` bytes torch keeps, plus a small
+fixed-size side store for non-finite inputs (below). Backward returns
 ``grad_output * levels[code]``.
 
 On CUDA (Triton importable, ``FEWBIT_DISABLE_TRITON`` not ``1``) forward and
 backward are single fused kernel passes (:mod:`fewbit.kernels`) with the same codes
 and packing; their output is within a few ulp of torch's rather than bit-identical.
 
-Non-finite inputs (NaN, +-inf) are rare but must not silently change the
-gradient: their flat indices and torch's own derivative there are stored on the
-side (nothing when the input is finite), so those elements get exactly torch's
-gradient (NaN where torch gives NaN).
+No host-device synchronisation: the constant tables (boundaries, levels, torch's
+derivative at +inf, -inf and NaN) are made once per (values, dtype, device) and
+cached (:func:`table_tensor`); nothing in forward or backward reads a device value.
+
+Non-finite inputs (NaN, +-inf) get exactly torch's gradient without reading the
+device: forward scans each chunk for non-finite values into a fixed number of slots,
+``min(chunk, 8 + chunk // 1024)`` per chunk (``torch.nonzero_static``), each slot one
+int64 ``4 * index + class`` (class 0: +inf, 1: -inf, 2: NaN; -1: empty), and keeps each
+chunk's count of non-finite values. Backward computes ``grad * levels[code]`` and
+overwrites the slotted elements with ``grad * d[class]``, d being torch's own derivative
+at +inf, -inf and NaN in the input's dtype. Stored: ``8 * (slots + chunks)`` bytes (at
+most 72 for small tensors, then about 1/128 byte per element: 2% of a 3-bit code). When a
+chunk holds more non-finite values than slots (over about 1 in 1024), its other elements'
+gradients are NaN (never a finite wrong value).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
+from typing import Callable, Hashable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -33,15 +46,24 @@ __all__ = [
     "FewBitActivation",
     "apply_fewbit",
     "check_floating",
+    "nonfinite_slots",
     "private_autograd",
+    "side_store_nbytes",
+    "table_tensor",
 ]
 
 Forward = Callable[[Tensor], Tensor]
 Encoder = Callable[[Tensor], Tensor]
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elements encoded or looked up at once on the PyTorch path (a multiple of 8, so that each
-# chunk starts on a byte boundary of the packed stream for every bit width).
-_CHUNK = 1 << 19
+# chunk starts on a byte boundary of the packed stream for every bit width). Its transient
+# memory is a few bytes per chunk element: 128K elements keep it below 1 MiB.
+_CHUNK = 1 << 17
+# Chunk of the non-finite scan on the kernel path (fewer launches on a GPU; 4 MiB of mask).
+_KERNEL_SCAN_CHUNK = 1 << 22
+# One non-finite slot per this many elements of a chunk (plus 8).
+_ELEMENTS_PER_SLOT = 1024
+_PLUS_INF, _MINUS_INF, _NAN = 0, 1, 2
 
 
 def check_floating(input: Tensor, name: str = "input") -> None:
@@ -61,23 +83,6 @@ def private_autograd() -> torch.autograd.graph.saved_tensors_hooks:
     derivative at non-finite inputs): they are not saves of the user's model, so outer hooks
     (the generic compressor, the profiler) must not see them."""
     return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
-
-
-def _nonfinite_derivative(x: Tensor, forward: Forward) -> tuple[Tensor, Tensor]:
-    """Flat indices of non-finite elements of x and torch's derivative of forward there."""
-    flat = x.detach().reshape(-1)
-    # A finite sum proves every element finite (NaN and inf propagate); the rare
-    # overflow of a finite tensor's sum only sends it down the exact path below.
-    total = flat.sum(dtype=torch.float64 if flat.dtype == torch.float64 else torch.float32)
-    if bool(torch.isfinite(total)):
-        return torch.empty(0, dtype=torch.long, device=x.device), flat.new_empty(0)
-    index = (~torch.isfinite(flat)).nonzero().squeeze(1)
-    if index.numel() == 0:
-        return index, flat.new_empty(0)
-    with torch.enable_grad(), private_autograd():
-        xs = flat[index].clone().requires_grad_(True)
-        (derivative,) = torch.autograd.grad(forward(xs), xs, torch.ones_like(xs))
-    return index, derivative
 
 
 @dataclass(frozen=True)
@@ -100,69 +105,220 @@ class ActivationSpec:
     symmetric: bool = False
 
 
+# --- cached constant tables ----------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=512)
+def table_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.tensor(values, dtype=float64).to(dtype)`` on ``device``, made once and cached.
+
+    The copy to a GPU happens at the first use of a (values, dtype, device) only; later calls
+    return the same tensor (treat it as read-only). The cache holds at most 512 tables of a
+    few hundred bytes each.
+    """
+    return torch.tensor(values, dtype=torch.float64).to(dtype).to(device)
+
+
+def _derivative_key(spec: ActivationSpec) -> Hashable:
+    if spec.kernel is not None:
+        return (spec.kernel, tuple(sorted((k, repr(v)) for k, v in spec.params.items())))
+    return spec.forward
+
+
+_DERIVATIVES: dict = {}
+_DERIVATIVES_MAX = 512
+
+
+def _nonfinite_derivatives(spec: ActivationSpec, dtype: torch.dtype, device: torch.device):
+    """torch's derivative of ``spec.forward`` at (+inf, -inf, NaN), in ``dtype`` on ``device``.
+
+    Computed once per (activation, dtype, device) with torch's own autograd on the CPU (on
+    ``device`` if the CPU lacks the op in that dtype) and cached: 3 values per entry, at most
+    512 entries (the oldest is dropped first).
+    """
+    key = (_derivative_key(spec), dtype, device)
+    hit = _DERIVATIVES.get(key)
+    if hit is not None:
+        return hit
+    points = [math.inf, -math.inf, math.nan]
+    derivative = None
+    for where in (torch.device("cpu"), device):
+        try:
+            with torch.enable_grad(), private_autograd():
+                xs = torch.tensor(points, dtype=dtype, device=where).requires_grad_(True)
+                (derivative,) = torch.autograd.grad(spec.forward(xs), xs, torch.ones_like(xs))
+            break
+        except (RuntimeError, NotImplementedError):
+            continue
+    if derivative is None:
+        raise RuntimeError(f"cannot differentiate the activation in {dtype}")
+    derivative = derivative.detach().to(device)
+    if len(_DERIVATIVES) >= _DERIVATIVES_MAX:
+        _DERIVATIVES.pop(next(iter(_DERIVATIVES)))
+    _DERIVATIVES[key] = derivative
+    return derivative
+
+
+# --- the non-finite side store ---------------------------------------------------------------
+
+
+def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+
+def _slots_of(length: int) -> int:
+    """Slots of a chunk of ``length`` elements: 8 + 1 per 1024, at most one per element."""
+    return min(length, 8 + length // _ELEMENTS_PER_SLOT)
+
+
+def side_store_nbytes(n: int, chunk: Optional[int] = None) -> int:
+    """Bytes of the non-finite side store for ``n`` elements scanned in chunks of ``chunk``."""
+    chunk = _CHUNK if chunk is None else chunk
+    parts = _chunks(n, chunk)
+    return 8 * sum(_slots_of(stop - start) + 1 for start, stop in parts)
+
+
+def nonfinite_slots(flat: Tensor, chunk: int) -> Tensor:
+    """The side store of 1-D ``flat``: slots of every chunk, then every chunk's count.
+
+    int64; slot = ``4 * index + class`` or -1. Device ops only (no host read). Transient
+    memory: a bool mask and the slots of one chunk.
+    """
+    slots, counts = [], []
+    for start, stop in _chunks(flat.numel(), chunk):
+        part = flat[start:stop]
+        bad = torch.isfinite(part).logical_not_()
+        counts.append(bad.sum(dtype=torch.int64).reshape(1))
+        index = torch.nonzero_static(bad, size=_slots_of(stop - start), fill_value=-1)
+        index = index.reshape(-1)
+        value = part[index.clamp_min(0)]
+        cls = torch.where(value > 0, _PLUS_INF, _MINUS_INF)
+        cls = torch.where(value != value, _NAN, cls)
+        slots.append(torch.where(index >= 0, (index + start) * 4 + cls, -1))
+    if not slots:
+        return torch.empty(0, dtype=torch.int64, device=flat.device)
+    return torch.cat(slots + counts)
+
+
+def _split_side(side: Tensor, n: int, chunk: int) -> tuple[Tensor, Tensor]:
+    """(slots, per-chunk counts) of a side store."""
+    total = sum(_slots_of(stop - start) for start, stop in _chunks(n, chunk))
+    return side[:total], side[total:]
+
+
+def _overflow(side: Tensor, n: int, chunk: int) -> Tensor:
+    """Per chunk: True where it held more non-finite values than slots (device bool)."""
+    _, counts = _split_side(side, n, chunk)
+    caps = table_tensor(
+        tuple(float(_slots_of(stop - start)) for start, stop in _chunks(n, chunk)),
+        torch.float64,
+        side.device,
+    )
+    return counts > caps
+
+
+def _apply_slots(
+    out: Tensor, grad_flat: Tensor, side: Tensor, n: int, chunk: int, derivative: Tensor
+) -> None:
+    """out[index] = grad[index] * derivative[class] for every filled slot; out has n + 1
+    elements (empty slots write element n, which is dropped)."""
+    slots, _ = _split_side(side, n, chunk)
+    if slots.numel() == 0:
+        return
+    valid = slots >= 0
+    index = torch.where(valid, slots >> 2, 0)
+    cls = torch.where(valid, slots & 3, 0)
+    value = grad_flat[index] * derivative[cls]
+    out[torch.where(valid, index, n)] = value.to(out.dtype)
+
+
+# --- forward and backward passes -------------------------------------------------------------
+
+
 def _use_kernels(t: Tensor) -> bool:
-    return t.dtype in _KERNEL_DTYPES and kernels.available(t)
+    return t.dtype in _KERNEL_DTYPES and kernels.use_kernel(t)
 
 
-def _encode_and_pack(x: Tensor, spec: ActivationSpec) -> Tensor:
+def _encode_and_pack(flat: Tensor, spec: ActivationSpec) -> Tensor:
     """pack(encode(x)) in chunks of ``_CHUNK`` elements: the uint8 codes and comparison
-    masks never exist for the whole tensor at once (a few MiB of transient memory)."""
-    flat = x.reshape(-1)
+    masks never exist for the whole tensor at once (under 1 MiB of transient memory)."""
     if flat.numel() <= _CHUNK:
         return pack(spec.encode(flat), spec.bits)
-    parts = [
-        pack(spec.encode(flat[i : i + _CHUNK]), spec.bits) for i in range(0, flat.numel(), _CHUNK)
-    ]
+    parts = [pack(spec.encode(flat[a:b]), spec.bits) for a, b in _chunks(flat.numel(), _CHUNK)]
     return torch.cat(parts)
 
 
-def _forward_and_pack(x: Tensor, spec: ActivationSpec) -> tuple[Tensor, Tensor]:
-    """(y, packed codes): one fused Triton pass on CUDA, torch ops elsewhere."""
+def _rounded_bounds(spec: ActivationSpec, x: Tensor) -> Optional[Tensor]:
+    """The table's boundaries rounded to x.dtype, as float32 on x's device (cached)."""
+    if spec.boundaries is None:
+        return None
+    return table_tensor(tuple(spec.boundaries), x.dtype, x.device).float()
+
+
+def _forward_and_pack(x: Tensor, spec: ActivationSpec) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(y, packed codes, non-finite side store, its chunk): one fused Triton pass on CUDA
+    (plus the non-finite scan), torch ops elsewhere."""
     if spec.kernel is not None and _use_kernels(x):
         bounds = None
         if spec.boundaries is not None:
-            bounds = torch.tensor(spec.boundaries, dtype=torch.float64, device=x.device)
-        return kernels.activation_forward(
+            bounds = table_tensor(tuple(spec.boundaries), x.dtype, x.device)
+        y, packed = kernels.activation_forward(
             x, spec.kernel, dict(spec.params), bounds, spec.symmetric, spec.bits
         )
-    return spec.forward(x), _encode_and_pack(x, spec)
+        chunk = _KERNEL_SCAN_CHUNK
+        return y, packed, nonfinite_slots(x.reshape(-1), chunk), chunk
+    flat = x.reshape(-1)
+    return spec.forward(x), _encode_and_pack(flat, spec), nonfinite_slots(flat, _CHUNK), _CHUNK
 
 
-def _grad_times_levels(grad: Tensor, packed: Tensor, spec: ActivationSpec, shape: torch.Size):
-    """grad * levels[code], multiplied in float32 (float64 for float64) and rounded once.
+def _poisoned_levels(lut: Tensor, overflow: Tensor) -> Tensor:
+    """[chunks, 2**bits]: the levels, NaN in the rows of chunks whose slots overflowed."""
+    nan = torch.full_like(lut, math.nan)
+    return torch.where(overflow[:, None], nan[None, :], lut[None, :])
 
-    On the PyTorch path the codes are unpacked and looked up ``_CHUNK`` elements at a time,
-    so the transient memory is a few MiB besides the result.
+
+def _grad_times_levels(
+    grad: Tensor, packed: Tensor, side: Tensor, chunk: int, spec: ActivationSpec
+) -> Tensor:
+    """grad * levels[code] into a flat buffer of n + 1 elements (the last is scratch).
+
+    Multiplied in float32 (float64 for float64) and rounded once. On the PyTorch path the
+    codes are unpacked and looked up ``_CHUNK`` elements at a time, so the transient memory
+    is under 2 MiB besides the result.
     """
     compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    lut = torch.tensor(spec.levels, dtype=compute, device=grad.device)
-    if _use_kernels(grad):
-        return kernels.activation_backward(grad.contiguous(), packed, lut, spec.bits).view(shape)
+    lut = table_tensor(tuple(spec.levels), compute, grad.device)
     flat = grad.reshape(-1)
     n, bits = flat.numel(), spec.bits
+    out = torch.empty(n + 1, dtype=grad.dtype, device=grad.device)
+    overflow = _overflow(side, n, chunk)
+    if _use_kernels(grad):
+        lut_k = torch.where(overflow.any(), math.nan, lut)
+        from ..kernels.activations import activation_backward
 
-    def levels_at(start: int, stop: int) -> Tensor:
-        chunk = packed[start * bits // 8 : packed_nbytes(stop, bits)]
-        return torch.take(lut, unpack(chunk, bits, stop - start).long())
-
-    if n <= _CHUNK:
-        return torch.mul(flat, levels_at(0, n)).to(grad.dtype).view(shape)
-    out = torch.empty_like(flat, memory_format=torch.contiguous_format)
-    for start in range(0, n, _CHUNK):
-        stop = min(start + _CHUNK, n)
-        out[start:stop] = torch.mul(flat[start:stop], levels_at(start, stop))
-    return out.view(shape)
+        activation_backward(flat.contiguous(), packed, lut_k, bits, out=out[:n])
+        return out
+    rows = _poisoned_levels(lut, overflow)
+    for start, stop in _chunks(n, _CHUNK):
+        row = start // chunk  # chunk (the scan's) is a multiple of _CHUNK
+        part = packed[start * bits // 8 : packed_nbytes(stop, bits)]
+        codes = unpack(part, bits, stop - start).int()
+        levels = rows[row].index_select(0, codes)
+        torch.mul(flat[start:stop], levels, out=out[start:stop])  # one rounding to out.dtype
+    return out
 
 
 class FewBitActivation(torch.autograd.Function):
-    """y = forward(x); saves the packed code of x; backward: grad * levels[code]."""
+    """y = forward(x); saves the packed code of x (and the non-finite side store);
+    backward: grad * levels[code], torch's derivative at non-finite inputs."""
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, spec: ActivationSpec) -> Tensor:  # type: ignore[override]
-        y, packed = _forward_and_pack(x, spec)
-        index, derivative = _nonfinite_derivative(x, spec.forward)
-        ctx.save_for_backward(mark_compact(packed), index, derivative)
+        y, packed, side, chunk = _forward_and_pack(x, spec)
+        ctx.save_for_backward(mark_compact(packed), mark_compact(side))
         ctx.shape = x.shape  # type: ignore[attr-defined]
+        ctx.dtype = x.dtype  # type: ignore[attr-defined]
+        ctx.chunk = chunk  # type: ignore[attr-defined]
         ctx.spec = spec  # type: ignore[attr-defined]
         return y
 
@@ -174,13 +330,13 @@ class FewBitActivation(torch.autograd.Function):
                 "be differentiated twice (backward with create_graph=True); use the torch.nn "
                 "activation where a second derivative is needed"
             )
-        packed, index, derivative = ctx.saved_tensors  # type: ignore[attr-defined]
-        grad_in = _grad_times_levels(grad, packed, ctx.spec, ctx.shape)  # type: ignore[attr-defined]
-        if index.numel():
-            grad_in = grad_in.contiguous()
-            flat = grad_in.view(-1)
-            flat[index] = grad.reshape(-1)[index] * derivative
-        return grad_in, None
+        packed, side = ctx.saved_tensors  # type: ignore[attr-defined]
+        spec, chunk = ctx.spec, ctx.chunk  # type: ignore[attr-defined]
+        n = grad.numel()
+        out = _grad_times_levels(grad, packed, side, chunk, spec)
+        derivative = _nonfinite_derivatives(spec, ctx.dtype, grad.device)  # type: ignore[attr-defined]
+        _apply_slots(out, grad.reshape(-1), side, n, chunk, derivative)
+        return out[:n].view(ctx.shape), None  # type: ignore[attr-defined]
 
 
 def apply_fewbit(x: Tensor, spec: ActivationSpec) -> Tensor:

@@ -337,11 +337,14 @@ def activation_forward(
     return y.view(x.shape), packed
 
 
-def activation_backward(grad: Tensor, packed: Tensor, levels: Tensor, bits: int) -> Tensor:
+def activation_backward(
+    grad: Tensor, packed: Tensor, levels: Tensor, bits: int, out: Tensor | None = None
+) -> Tensor:
     """``grad * levels[code]`` (float32 product, rounded to grad's dtype), codes from ``packed``.
 
     ``levels``: 2**bits values (any float dtype; used as float32). Output: grad's shape and
-    dtype. Moves 2*itemsize + bits/8 bytes per element.
+    dtype, written into ``out`` when given (a contiguous tensor of grad's dtype and numel,
+    returned viewed as grad's shape). Moves 2*itemsize + bits/8 bytes per element.
     """
     _check_float(grad, "grad")
     check_bits(bits)
@@ -355,7 +358,10 @@ def activation_backward(grad: Tensor, packed: Tensor, levels: Tensor, bits: int)
         raise ValueError(f"levels must have 2**bits = {1 << bits} entries, got {levels.numel()}")
     lv = levels.detach().reshape(-1).to(device=grad.device, dtype=torch.float32).contiguous()
     flat = grad.reshape(-1).contiguous()
-    out = torch.empty_like(flat)
+    if out is None:
+        out = torch.empty_like(flat)
+    elif out.dtype != grad.dtype or out.numel() != n or not out.is_contiguous():
+        raise ValueError("out must be a contiguous tensor of grad's dtype and numel")
     if n > 0:
         groups = groups_per_program(flat)
         _backward_kernel[_grid(n, groups)](

@@ -78,11 +78,18 @@ def round_to(x, DTYPE: tl.constexpr):
     """float32 ``x`` rounded to nearest-even in ``DTYPE``.
 
     bfloat16 is rounded by hand (the Triton interpreter truncates float32 -> bfloat16;
-    compiled kernels round to nearest even, so both now agree). NaN stays NaN.
+    compiled kernels round to nearest even, so both now agree): add 0x7FFF plus the lowest
+    kept bit, drop the low 16 bits; values that round past the largest finite become inf.
+    NaN becomes the quiet NaN 0x7FFF (what CUDA's conversion and torch on CUDA give) before
+    the addition, which would otherwise carry a NaN's all-ones mantissa into the exponent
+    and sign (0x7FFFFFFF -> -0.0).
     """
     if DTYPE == tl.bfloat16:
         u = x.to(tl.uint32, bitcast=True)
         u = u + (0x7FFF + ((u >> 16) & 1))
-        return (u & 0xFFFF0000).to(tl.float32, bitcast=True).to(tl.bfloat16)
+        u = tl.where(x != x, 0x7FFF0000, u)
+        # bitcast the top half (a float conversion would flush bfloat16 subnormals in the
+        # interpreter)
+        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)

@@ -14,6 +14,7 @@ from torch import Tensor
 import fewbit.functional as FB
 from fewbit.approx import Table, get_table
 from fewbit.approx.registry import ACTIVATIONS, Activation, Variant
+from fewbit.functional.fewbit_fn import side_store_nbytes
 
 
 @dataclass
@@ -176,7 +177,9 @@ def test_stored_bytes_are_packed_codes(case: Case, n: int) -> None:
         if case.table is not None:
             kwargs["bits"] = bits
         nbytes, _ = saved_bytes(lambda: case.fewbit(x, **kwargs))  # noqa: B023
-        assert nbytes == math.ceil(n * bits / 8)  # no header: shape lives in Python attributes
+        # no header (shape lives in Python attributes); plus the fixed-size non-finite side
+        # store, whose size depends on n only (no host read decides it)
+        assert nbytes == math.ceil(n * bits / 8) + side_store_nbytes(n)
 
 
 def test_stored_bytes_nonfinite_side_store() -> None:
@@ -184,8 +187,11 @@ def test_stored_bytes_nonfinite_side_store() -> None:
     x[5] = float("nan")
     x.requires_grad_(True)
     nbytes, _ = saved_bytes(lambda: FB.gelu(x))
-    # packed codes + one int64 index + one float32 derivative for the single NaN element
-    assert nbytes == math.ceil(64 * 3 / 8) + 8 + 4
+    # packed codes + the fixed side store (8 int64 slots + 1 count for 64 elements): the same
+    # bytes as for a finite input, so nothing needs to read the device to size it
+    assert nbytes == math.ceil(64 * 3 / 8) + side_store_nbytes(64) == 24 + 8 * 9
+    finite, _ = saved_bytes(lambda: FB.gelu(torch.randn(64, requires_grad=True)))
+    assert finite == nbytes
 
 
 def test_non_contiguous_input() -> None:

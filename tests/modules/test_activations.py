@@ -9,6 +9,7 @@ from torch import nn
 import fewbit
 import fewbit.modules as M
 from fewbit.approx.registry import ACTIVATIONS
+from fewbit.functional.fewbit_fn import side_store_nbytes
 
 # One case per registry variant with its example arguments, plus non-default parameters of the
 # table activations (their tables are built on demand).
@@ -93,7 +94,9 @@ def test_bits_used_by_forward() -> None:
     x = torch.randn(64, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fewbit.GELU(bits=2)(x)
-    assert sum(sizes) == 64 * 2 // 8
+    # the 2-bit code, then the fixed-size non-finite side store (its size depends on n only)
+    assert sizes[0] == 64 * 2 // 8
+    assert sum(sizes) == 64 * 2 // 8 + side_store_nbytes(64)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
