@@ -181,10 +181,9 @@ class Activation:
             if all(params.get(k) == value for k, value in v.when.items()):
                 return v
         keys = sorted({k for v in self.variants for k in v.when})
-        choices = [tuple(v.when[k] for k in keys) for v in self.variants]
-        got = tuple(params.get(k) for k in keys)
-        names = ", ".join(keys)
-        raise ValueError(f"{names} must be one of {choices}, got {got!r}")
+        choices = [", ".join(repr(v.when.get(k)) for k in keys) for v in self.variants]
+        got = ", ".join(repr(params.get(k)) for k in keys)
+        raise ValueError(f"{', '.join(keys)} must be one of {' | '.join(choices)}; got {got}")
 
 
 # --- helpers for the entries --------------------------------------------------------------------
