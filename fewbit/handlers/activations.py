@@ -1,4 +1,8 @@
-"""Few-bit activations: the class map, the conversion and the :class:`Activations` handler.
+"""Few-bit activations: the conversion and the :class:`Activations` handler.
+
+The conversion map (torch.nn classes, ``transformers.activations`` class names and torch
+functions -> few-bit class) is derived from the activation registry
+(:func:`fewbit.modules.activations.conversion_map`).
 
 Every supported activation module (torch.nn classes and the Hugging Face
 ``transformers.activations`` classes with the same math) and every ``self.act = F.gelu``-style
@@ -13,7 +17,6 @@ import re
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..configs import Activations
@@ -34,43 +37,9 @@ __all__ = [
 Bits = Union[None, int, Mapping[str, Optional[int]]]
 Plan = tuple[type[fa.FewBitActivationModule], dict[str, Any]]
 
-# torch.nn class -> (few-bit class, constructor attributes copied from the module).
-_PIECEWISE: dict[type[nn.Module], tuple[type[fa.FewBitActivationModule], tuple[str, ...]]] = {
-    nn.ReLU: (fa.ReLU, ("inplace",)),
-    nn.LeakyReLU: (fa.LeakyReLU, ("negative_slope", "inplace")),
-    nn.Threshold: (fa.Threshold, ("threshold", "value", "inplace")),
-    nn.Hardsigmoid: (fa.Hardsigmoid, ("inplace",)),
-    nn.Hardtanh: (fa.Hardtanh, ("min_val", "max_val", "inplace")),
-    nn.ReLU6: (fa.ReLU6, ("inplace",)),
-    nn.Hardshrink: (fa.Hardshrink, ("lambd",)),
-    nn.Softshrink: (fa.Softshrink, ("lambd",)),
-}
-_CONTINUOUS: dict[type[nn.Module], tuple[type[fa.FewBitActivationModule], tuple[str, ...]]] = {
-    nn.CELU: (fa.CELU, ("alpha", "inplace")),
-    nn.ELU: (fa.ELU, ("alpha", "inplace")),
-    nn.GELU: (fa.GELU, ("approximate",)),
-    nn.Hardswish: (fa.Hardswish, ("inplace",)),
-    nn.LogSigmoid: (fa.LogSigmoid, ()),
-    nn.Mish: (fa.Mish, ("inplace",)),
-    nn.SELU: (fa.SELU, ("inplace",)),
-    nn.Sigmoid: (fa.Sigmoid, ()),
-    nn.SiLU: (fa.SiLU, ("inplace",)),
-    nn.Softplus: (fa.Softplus, ("beta", "threshold")),
-    nn.Softsign: (fa.Softsign, ()),
-    nn.Tanh: (fa.Tanh, ()),
-    nn.Tanhshrink: (fa.Tanhshrink, ()),
-}
-# transformers.activations class name -> few-bit class and arguments with the same math.
-_HF: dict[str, Plan] = {
-    "GELUActivation": (fa.GELU, {"approximate": "none"}),
-    "NewGELUActivation": (fa.GELU, {"approximate": "tanh"}),
-    "GELUTanh": (fa.GELU, {"approximate": "tanh"}),
-    "PytorchGELUTanh": (fa.GELU, {"approximate": "tanh"}),
-    "FastGELUActivation": (fa.GELU, {"approximate": "tanh"}),
-    "AccurateGELUActivation": (fa.GELU, {"approximate": "tanh"}),
-    "SiLUActivation": (fa.SiLU, {}),
-    "MishActivation": (fa.Mish, {}),
-}
+#: Sources and targets, derived from the activation registry (:mod:`fewbit.approx.registry`).
+_MAP = fa.conversion_map()
+# transformers.activations classes fewbit leaves alone, and why (shown by conversion_report).
 _HF_UNSUPPORTED = {
     "QuickGELUActivation": "x*sigmoid(1.702x) differs from GELU; no few-bit table for it",
     "ClippedGELUActivation": "clipped GELU has no few-bit table",
@@ -79,27 +48,6 @@ _HF_UNSUPPORTED = {
     "SqrtSoftplusActivation": "sqrt(softplus(x)) has no few-bit table",
     "XIELUActivation": "has trainable parameters; no few-bit table",
     "LinearActivation": "identity: nothing is saved for backward",
-}
-# Plain functions stored as attributes (e.g. ``self.act_fn = F.gelu``).
-_FUNCTIONS: dict[Callable[..., Any], Plan] = {
-    F.gelu: (fa.GELU, {}),
-    F.silu: (fa.SiLU, {}),
-    F.mish: (fa.Mish, {}),
-    F.relu: (fa.ReLU, {}),
-    torch.relu: (fa.ReLU, {}),
-    F.relu6: (fa.ReLU6, {}),
-    F.elu: (fa.ELU, {}),
-    F.selu: (fa.SELU, {}),
-    torch.selu: (fa.SELU, {}),
-    F.hardswish: (fa.Hardswish, {}),
-    F.softplus: (fa.Softplus, {}),
-    F.softsign: (fa.Softsign, {}),
-    F.tanhshrink: (fa.Tanhshrink, {}),
-    F.logsigmoid: (fa.LogSigmoid, {}),
-    torch.tanh: (fa.Tanh, {}),
-    F.tanh: (fa.Tanh, {}),
-    torch.sigmoid: (fa.Sigmoid, {}),
-    F.sigmoid: (fa.Sigmoid, {}),
 }
 _ACTIVATION_NAME = re.compile(r"(act|gelu|relu|silu|swish|sigmoid|tanh|mish|softplus|elu)", re.I)
 _PROBE = torch.linspace(-12.0, 12.0, 4801)
@@ -114,20 +62,18 @@ def plan_for(module: nn.Module) -> Union[Plan, str]:
     """The few-bit class and constructor arguments replacing ``module``, or the reason why
     there is none. Subclasses of torch classes are not converted (they may override forward)."""
     cls = type(module)
-    table = _PIECEWISE if cls in _PIECEWISE else _CONTINUOUS
-    if cls in table:
-        target, attrs = table[cls]
-        return target, {name: getattr(module, name) for name in attrs}
-    if is_hf(module) and cls.__name__ in _HF:
-        target, kwargs = _HF[cls.__name__]
-        return target, dict(kwargs)
+    conversion = _MAP.modules.get(cls)
+    if conversion is None and is_hf(module):
+        conversion = _MAP.transformers.get(cls.__name__)
+    if conversion is not None:
+        return conversion.target, conversion.kwargs(module)
     if is_hf(module) and cls.__name__ in _HF_UNSUPPORTED:
         return _HF_UNSUPPORTED[cls.__name__]
     return "no few-bit equivalent"
 
 
 def _is_continuous(target: type[fa.FewBitActivationModule]) -> bool:
-    return all(target is not t for t, _ in _PIECEWISE.values())
+    return not target.activation_entry.is_mask
 
 
 def _bits_for(source: str, target: type[fa.FewBitActivationModule], bits: Bits) -> Optional[int]:
@@ -187,11 +133,11 @@ def function_attributes(module: nn.Module) -> list[tuple[str, Plan]]:
         if name.startswith("_") or isinstance(value, nn.Module) or not callable(value):
             continue
         try:
-            plan = _FUNCTIONS.get(value)
+            conversion = _MAP.functions.get(value)
         except TypeError:  # unhashable callable
-            plan = None
-        if plan is not None:
-            found.append((name, plan))
+            conversion = None
+        if conversion is not None:
+            found.append((name, (conversion.target, conversion.kwargs())))
     return found
 
 
