@@ -1,12 +1,18 @@
-"""Registry of benchmark configurations: a name and a function that converts a model.
+"""Registry of benchmark configurations: a name, the `fewbit.apply` configs of the row, and the
+baselines a user already has (activation checkpointing, offloading saved tensors).
 
 Adding a row is one line::
 
-    register(Config("gelu2", lambda m: _convert(m, bits=2, linear=None), "2-bit GELU"))
+    register(Config("gelu2", (Activations(bits=2),), "2-bit GELU"))
 
-Besides fewbit's own rows there are the baselines a user already has: ``ckpt`` (activation
-checkpointing of every transformer layer, or every residual block of the CNN preset) and
-``offload`` (`torch.autograd.graph.save_on_cpu`, CUDA only: ``Config.devices``).
+A row's ``configs`` are what ``fewbit.apply(model, *configs)`` takes (config dataclasses of
+:mod:`fewbit.configs`, or level names such as ``"L2"``). ``checkpoint`` adds activation
+checkpointing of every layer after them: ``"torch"`` (Hugging Face's own
+``gradient_checkpointing_enable``, non-reentrant, or `torch.utils.checkpoint` on every residual
+block of the CNN preset) or ``"fewbit"`` (`fewbit.checkpoint.checkpoint`: the same regions with
+their inputs stored at 8 bits). ``offload`` runs forward inside
+`torch.autograd.graph.save_on_cpu` (pinned host memory), a CUDA-only baseline
+(``devices=("cuda",)``: on another device the bench says it does not apply).
 """
 
 from __future__ import annotations
@@ -19,73 +25,61 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from fewbit.configs import Activations, Generic, Sketch
+
 __all__ = [
     "Config",
     "CONFIGS",
     "DEFAULT_CONFIGS",
     "register",
     "get_config",
-    "with_generic_compress",
-    "with_forward_context",
     "checkpoint_layers",
+    "with_forward_context",
 ]
 
-Apply = Callable[[nn.Module], nn.Module]
+CHECKPOINTS = (None, "torch", "fewbit")
 
 
 @dataclass(frozen=True)
 class Config:
-    """A benchmark row: ``apply(model)`` returns the model to train (may modify in place).
+    """A benchmark row: ``apply(model)`` converts the model (in place) and returns it.
 
-    ``devices``: the device types on which the row means something (None: all); on another
-    device the bench prints why it does not apply instead of a number."""
+    ``configs``: passed to ``fewbit.apply``; ``checkpoint``: None, ``"torch"`` or ``"fewbit"``
+    (every layer a checkpoint region, see `checkpoint_layers`); ``offload``: forward inside
+    ``torch.autograd.graph.save_on_cpu(pin_memory=True)``; ``devices``: the device types on
+    which the row means something (None: all)."""
 
     name: str
-    apply: Apply
+    configs: tuple[Any, ...] = ()
     description: str = ""
+    checkpoint: Optional[str] = None
+    offload: bool = False
     devices: Optional[tuple[str, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoint not in CHECKPOINTS:
+            raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {self.checkpoint!r}")
+        if not isinstance(self.configs, tuple):
+            raise TypeError(f"configs must be a tuple, got {type(self.configs).__name__}")
 
     def applies_to(self, device: str) -> bool:
         """Whether this row runs on ``device`` (a device string such as 'cpu' or 'cuda:0')."""
         return self.devices is None or torch.device(device).type in self.devices
 
+    def apply(self, model: nn.Module) -> nn.Module:
+        """The model to train: ``fewbit.apply(model, *configs)``, then checkpointing, then
+        offloading, as the row says."""
+        if self.configs:
+            from fewbit.apply import apply
 
-def _convert(model: nn.Module, **kwargs: Any) -> nn.Module:
-    from fewbit.convert import convert  # imported late: only the converted rows need it
-
-    return convert(model, **kwargs)
-
-
-def _vanilla(model: nn.Module) -> nn.Module:
-    return model
-
-
-def _gelu3(model: nn.Module) -> nn.Module:
-    return _convert(model, bits=3, linear=None)
-
-
-def _rand20(model: nn.Module) -> nn.Module:
-    return _convert(model, activations=False, linear=0.2)
-
-
-def _rand20_variant(matmul: str) -> Apply:
-    def apply(model: nn.Module) -> nn.Module:
-        return _convert(model, activations=False, linear={"proj_dim_ratio": 0.2, "matmul": matmul})
-
-    return apply
-
-
-def _gelu3_rand20(model: nn.Module) -> nn.Module:
-    return _convert(model, bits=3, linear=0.2)
-
-
-def _level(level: int) -> Apply:
-    def apply(model: nn.Module) -> nn.Module:
-        from fewbit.levels import convert_compressed
-
-        return convert_compressed(model, level=level)
-
-    return apply
+            model = apply(model, *self.configs)
+        if self.checkpoint is not None:
+            model = checkpoint_layers(model, self.checkpoint)
+        if self.offload:
+            model = with_forward_context(
+                model, lambda m: torch.autograd.graph.save_on_cpu(pin_memory=True)
+            )
+        return model
 
 
 def with_forward_context(
@@ -109,35 +103,44 @@ def with_forward_context(
     return model
 
 
-def with_generic_compress(model: nn.Module, bits: int = 2) -> nn.Module:
-    """Every forward of ``model`` inside ``fewbit.compress(bits=...)`` (the generic
-    saved-tensor mode): every floating saved tensor that is not a parameter or buffer of the
-    model, and not already compact, is quantized."""
-    from fewbit.compress import compress
+def _checkpoint_function(kind: str) -> Callable[..., Any]:
+    """``fn(function, *args, **kwargs)`` running one checkpoint region of ``kind``."""
+    if kind == "fewbit":
+        from fewbit.checkpoint import checkpoint
 
-    return with_forward_context(model, lambda m: compress(bits=bits, model=m))
+        return checkpoint
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-
-def _checkpointed_forward(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    from torch.utils.checkpoint import checkpoint
-
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return functools.partial(torch_checkpoint, use_reentrant=False)
 
 
-def checkpoint_layers(model: nn.Module) -> nn.Module:
-    """Activation checkpointing of every layer: a Hugging Face model's own
-    ``gradient_checkpointing_enable`` (non-reentrant; ``activation_checkpointing_enable`` in
-    transformers 5) on each transformer layer; otherwise
-    every residual block (`fewbit.models.BasicBlock`) recomputes its forward in backward
-    (`torch.utils.checkpoint`, non-reentrant; the block's forward is replaced on the
-    instance, so parameter names are unchanged). Only the layer inputs stay saved; backward
-    runs each layer's forward again. ValueError when the model has neither."""
+def _checkpointed_forward(
+    region: Callable[..., Any], forward: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    return region(forward, *args, **kwargs)
+
+
+def checkpoint_layers(model: nn.Module, kind: str = "torch") -> nn.Module:
+    """Activation checkpointing of every layer, in place.
+
+    A Hugging Face model: each transformer layer is a region, through the model's own
+    gradient-checkpointing switch (``"torch"``: non-reentrant `torch.utils.checkpoint`, what
+    ``gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})``
+    does; ``"fewbit"``: `fewbit.checkpoint.checkpoint`, region inputs stored at 8 bits).
+    Otherwise every residual block (`fewbit.models.BasicBlock`) is a region (its forward is
+    replaced on the instance, so parameter names are unchanged). Only the layer inputs stay
+    saved; backward runs each layer's forward again. ValueError when the model has neither."""
+    if kind not in ("torch", "fewbit"):
+        raise ValueError(f"kind must be 'torch' or 'fewbit', got {kind!r}")
+    region = _checkpoint_function(kind)
     if getattr(model, "supports_gradient_checkpointing", False):
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        if kind == "torch" and hasattr(model, "activation_checkpointing_enable"):
+            # transformers >= 5 name of gradient_checkpointing_enable
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        elif kind == "torch":
+            model.gradient_checkpointing_enable({"use_reentrant": False})
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            model._set_gradient_checkpointing(True, region)
         return model
     from fewbit.models import BasicBlock
 
@@ -147,35 +150,8 @@ def checkpoint_layers(model: nn.Module) -> nn.Module:
             "checkpoint_layers: model has no gradient_checkpointing_enable and no residual blocks"
         )
     for block in blocks:
-        block.forward = functools.partial(_checkpointed_forward, block.forward)  # type: ignore
+        block.forward = functools.partial(_checkpointed_forward, region, block.forward)  # type: ignore
     return model
-
-
-def _ckpt(model: nn.Module) -> nn.Module:
-    return checkpoint_layers(model)
-
-
-def _ckpt_gelu3(model: nn.Module) -> nn.Module:
-    return checkpoint_layers(_gelu3(model))
-
-
-def _ckpt_level(level: int) -> Apply:
-    def apply(model: nn.Module) -> nn.Module:
-        return checkpoint_layers(_level(level)(model))
-
-    return apply
-
-
-def _offload(model: nn.Module) -> nn.Module:
-    return with_forward_context(model, lambda m: torch.autograd.graph.save_on_cpu(pin_memory=True))
-
-
-def _generic2(model: nn.Module) -> nn.Module:
-    return with_generic_compress(model, bits=2)
-
-
-def _gelu3_rand20_generic2(model: nn.Module) -> nn.Module:
-    return with_generic_compress(_convert(model, bits=3, linear=0.2), bits=2)
 
 
 CONFIGS: dict[str, Config] = {}
@@ -187,31 +163,44 @@ def register(config: Config) -> Config:
     return config
 
 
-register(Config("vanilla", _vanilla, "PyTorch as is"))
-register(Config("gelu3", _gelu3, "3-bit activation derivatives (fewbit.convert, linear=None)"))
-register(Config("rand20", _rand20, "randomized linear layers keeping 20% of rows"))
-register(Config("gelu3+rand20", _gelu3_rand20, "3-bit activations and randomized linear 20%"))
-register(Config("rand20-rademacher", _rand20_variant("rademacher"), "rand20, Rademacher sketch"))
-register(Config("rand20-sampling", _rand20_variant("sampling"), "rand20, importance row sampling"))
+_GELU3 = Activations(bits=3)
+_RAND20 = Sketch(ratio=0.2)
+
+register(Config("vanilla", (), "PyTorch as is"))
+register(Config("gelu3", (_GELU3,), "3-bit activation derivatives"))
+register(Config("rand20", (_RAND20,), "randomized linear layers keeping 20% of rows"))
+register(Config("gelu3+rand20", (_GELU3, _RAND20), "3-bit activations and randomized linear 20%"))
 register(
-    Config("L1", _level(1), "ActNN-style level 1: 4-bit layers, 1-bit masks, 3-bit activations")
+    Config("rand20-rademacher", (Sketch(0.2, kind="rademacher"),), "rand20, Rademacher sketch")
 )
 register(
-    Config("L2", _level(2), "ActNN-style level 2: 2-bit layers, 1-bit masks, 3-bit activations")
+    Config("rand20-sampling", (Sketch(0.2, kind="sampling"),), "rand20, importance row sampling")
 )
-register(Config("L3", _level(3), "level 3: 2 bits on average, adaptive per layer"))
-register(Config("compress2", _generic2, "generic mode: every saved float tensor at 2 bits"))
+register(Config("L1", ("L1",), "ActNN level 1: 4-bit conv/linear, 3-bit activations"))
+register(Config("L2", ("L2",), "ActNN level 2: 4-bit layers, 1-bit masks, 3-bit activations"))
+register(Config("L3", ("L3",), "ActNN level 3: 2 bits on average, adaptive per layer"))
+register(Config("compress2", (Generic(bits=2),), "generic mode: saved float tensors at 2 bits"))
 register(
-    Config("gelu3+rand20+compress2", _gelu3_rand20_generic2, "both rows above, the rest at 2 bits")
+    Config(
+        "gelu3+rand20+compress2",
+        (_GELU3, _RAND20, Generic(bits=2)),
+        "gelu3+rand20, the other saved tensors at 2 bits",
+    )
 )
-register(Config("ckpt", _ckpt, "activation checkpointing of every layer (non-reentrant)"))
-register(Config("ckpt+gelu3", _ckpt_gelu3, "checkpointing and 3-bit activations"))
-register(Config("ckpt+L2", _ckpt_level(2), "checkpointing and level L2 inside each layer"))
+register(Config("ckpt", (), "activation checkpointing of every layer (non-reentrant)", "torch"))
+register(Config("ckpt+gelu3", (_GELU3,), "checkpointing and 3-bit activations", "torch"))
+register(
+    Config("fckpt", (), "fewbit.checkpoint of every layer: layer inputs at 8 bits", "fewbit")
+)
+register(
+    Config("ckpt+L2", ("L2",), "fewbit.checkpoint of every layer (inputs at 8 bits), L2", "fewbit")
+)
 register(
     Config(
         "offload",
-        _offload,
+        (),
         "saved tensors to pinned host memory (torch.autograd.graph.save_on_cpu)",
+        offload=True,
         devices=("cuda",),
     )
 )
@@ -219,8 +208,8 @@ register(
 
 # The rows `fewbit bench` runs without --configs (a few minutes on 2 CPU cores for the default
 # model, three interleaved rounds); `--configs all` adds rand20 and its sketch variants, L1,
-# L3 (equal to L2 until its first re-allocation, after 100 steps) and the generic mode on top
-# of gelu3+rand20.
+# L3 (2 bits on average; its adaptive allocation first changes bits after 100 steps), fckpt and
+# the generic mode on top of gelu3+rand20.
 DEFAULT_CONFIGS = (
     "vanilla",
     "ckpt",
