@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional
 from torch import nn
 
 from ..configs import Sketch
+from ..modules.compressed import CompressedLayer
 from ..modules.linear import LinearCRS, RandomizedConv1D, RandomizedLinear
 from ..util import convert_linear, map_module
 from .activations import is_hf
@@ -47,8 +48,9 @@ def convert_linears(model: nn.Module, kwargs: Mapping[str, Any],
     pattern = re.compile(exclude) if exclude is not None else None
 
     def replace(module: nn.Module, path: str) -> nn.Module:
-        if isinstance(module, _OWNED) or not (isinstance(module, nn.Linear) or is_conv1d(module)):
-            return module
+        if isinstance(module, _OWNED + (CompressedLayer,)) or not (
+                isinstance(module, nn.Linear) or is_conv1d(module)):
+            return module  # already randomized, or compressed by Compress
         dotted = path.strip("/").replace("/", ".")
         if pattern is not None and pattern.search(dotted):
             return module
