@@ -182,13 +182,15 @@ def nonfinite_slots(flat: Tensor, chunk: int) -> Tensor:
     """The side store of 1-D ``flat``: slots of every chunk, then every chunk's count.
 
     int64; slot = ``4 * index + class`` or -1. Device ops only (no host read). Transient
-    memory: a bool mask and the slots of one chunk.
+    memory: one chunk of x's dtype and the slots of one chunk.
     """
     slots, counts = [], []
     for start, stop in _chunks(flat.numel(), chunk):
         part = flat[start:stop]
-        bad = torch.isfinite(part).logical_not_()
-        counts.append(bad.sum(dtype=torch.int64).reshape(1))
+        # x - x is 0 for finite x and NaN otherwise; torch.nonzero_static and count_nonzero
+        # take it directly (on a bool mask, the CPU kernels make an int64 copy)
+        bad = part - part
+        counts.append(torch.count_nonzero(bad).reshape(1))
         index = torch.nonzero_static(bad, size=_slots_of(stop - start), fill_value=-1)
         index = index.reshape(-1)
         value = part[index.clamp_min(0)]
@@ -239,13 +241,45 @@ def _use_kernels(t: Tensor) -> bool:
     return t.dtype in _KERNEL_DTYPES and kernels.use_kernel(t)
 
 
+@functools.lru_cache(maxsize=512)
+def _rounded_floats(values: tuple[float, ...], dtype: torch.dtype) -> tuple[float, ...]:
+    """``values`` rounded to ``dtype`` as Python floats (how torch compares a tensor with a
+    Python scalar), computed once per (values, dtype) on the CPU."""
+    return tuple(torch.tensor(values, dtype=torch.float64).to(dtype).double().tolist())
+
+
+def _encode(x: Tensor, spec: ActivationSpec) -> Tensor:
+    """uint8 codes of x: ``spec.encode(x)``; for a boundary table, the same codes as
+    ``Table.encode`` (boundaries strictly below x, or |x|) from cached boundaries, so no
+    call makes a tensor from a Python list. Up to 15 boundaries: in-place comparisons with
+    Python scalars (1 byte per element of transient memory besides the codes); more: one
+    ``torch.bucketize`` against the boundaries cached on x's device in x's dtype."""
+    if spec.boundaries is None:
+        return spec.encode(x)
+    src = x.abs() if spec.symmetric else x
+    if len(spec.boundaries) > 15:
+        bounds = table_tensor(tuple(spec.boundaries), x.dtype, x.device)
+        return torch.bucketize(src, bounds, out_int32=True).to(torch.uint8)
+    bounds = _rounded_floats(tuple(spec.boundaries), x.dtype)
+    codes = torch.gt(src, bounds[0]).view(torch.uint8)
+    above = torch.empty(src.shape, dtype=torch.bool, device=x.device)
+    for bound in bounds[1:]:
+        torch.gt(src, bound, out=above)
+        codes.add_(above.view(torch.uint8))
+    return codes
+
+
 def _encode_and_pack(flat: Tensor, spec: ActivationSpec) -> Tensor:
     """pack(encode(x)) in chunks of ``_CHUNK`` elements: the uint8 codes and comparison
     masks never exist for the whole tensor at once (under 1 MiB of transient memory)."""
-    if flat.numel() <= _CHUNK:
-        return pack(spec.encode(flat), spec.bits)
-    parts = [pack(spec.encode(flat[a:b]), spec.bits) for a, b in _chunks(flat.numel(), _CHUNK)]
-    return torch.cat(parts)
+    n, bits = flat.numel(), spec.bits
+    if n <= _CHUNK:
+        return pack(_encode(flat, spec), bits)
+    out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, device=flat.device)
+    for start, stop in _chunks(n, _CHUNK):  # chunks start on byte boundaries (8 | _CHUNK)
+        codes = _encode(flat[start:stop], spec)
+        out[start * bits // 8 : packed_nbytes(stop, bits)] = pack(codes, bits)
+    return out
 
 
 def _rounded_bounds(spec: ActivationSpec, x: Tensor) -> Optional[Tensor]:
