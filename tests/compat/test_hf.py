@@ -53,6 +53,7 @@ def dataset() -> List[Dict[str, Tensor]]:
 def train(model: nn.Module, tmp: str, generic: bool) -> Tuple[List[float], int]:
     """Two Trainer steps at batch 4; returns the logged losses and the number of tensors the
     generic mode compressed (0 without it)."""
+    pytest.importorskip("accelerate")  # transformers' Trainer needs it (peft pulls it in)
     from transformers import Trainer, TrainingArguments
 
     compressed = [0]
