@@ -9,7 +9,8 @@ convert a model in place with one call::
     fewbit.apply(model, "L2")                 # ActNN's levels are named lists of configs
 
 The older entry points (:func:`fewbit.convert`, :func:`fewbit.QModule`,
-:func:`fewbit.util.map_module`) are aliases over the same handlers.
+:func:`fewbit.util.map_module`) are aliases over the same handlers. The layers of the
+package and what each may import: ``docs/architecture.md``.
 """
 
 from . import (
@@ -30,30 +31,8 @@ from .compress import SavedTensorCompressor, compress
 from .configs import Activations, Allocator, Checkpoint, Compress, Generic, Sketch
 from .convert import ConversionReport, conversion_report, convert
 from .levels import CompressionConfig, QModule, convert_compressed, set_optimization_level
-from .modules import (
-    CELU,
-    ELU,
-    GELU,
-    SELU,
-    Hardshrink,
-    Hardsigmoid,
-    Hardswish,
-    Hardtanh,
-    LeakyReLU,
-    LogSigmoid,
-    Mish,
-    ReLU,
-    ReLU6,
-    Sigmoid,
-    SiLU,
-    Softplus,
-    Softshrink,
-    Softsign,
-    Tanh,
-    Tanhshrink,
-    Threshold,
-)
-from .modules.compressed import (
+from .modules.activations import *  # noqa: F403 - the few-bit activation classes
+from .modules.compressed import (  # ActNN's names
     QAvgPool1d,
     QAvgPool2d,
     QAvgPool3d,
@@ -83,84 +62,60 @@ from .profile import StepProfile, profile_step, saved_bytes
 
 __version__ = "0.1.0"
 
+#: The few-bit activation classes (``fewbit.GELU``, ...), from ``fewbit.modules.activations``.
+_ACTIVATION_CLASSES = [
+    name for name in modules.activations.__all__
+    if isinstance(getattr(modules.activations, name), type)
+    and issubclass(getattr(modules.activations, name), modules.activations.FewBitActivationModule)
+    and name != "FewBitActivationModule"
+]
+
 __all__ = [
+    # one entry point, its configs and what it dispatches to
     "apply",
     "unapply",
     "configs",
     "handlers",
-    "checkpoint",
     "Activations",
     "Allocator",
     "Checkpoint",
     "Compress",
     "Generic",
     "Sketch",
-    "CELU",
-    "ELU",
-    "GELU",
-    "Hardshrink",
-    "Hardsigmoid",
-    "Hardswish",
-    "Hardtanh",
-    "LeakyReLU",
-    "LogSigmoid",
-    "Mish",
-    "ReLU",
-    "ReLU6",
-    "SELU",
-    "Sigmoid",
-    "SiLU",
-    "Softplus",
-    "Softshrink",
-    "Softsign",
-    "Tanh",
-    "Tanhshrink",
-    "Threshold",
-    "QAvgPool1d",
-    "QAvgPool2d",
-    "QAvgPool3d",
-    "QBatchNorm1d",
-    "QBatchNorm2d",
-    "QBatchNorm3d",
-    "QConv1d",
-    "QConv2d",
-    "QConv3d",
-    "QConvTranspose1d",
-    "QConvTranspose2d",
-    "QConvTranspose3d",
-    "QDropout",
-    "QGroupNorm",
-    "QLayerNorm",
-    "QLinear",
-    "QMaxPool1d",
-    "QMaxPool2d",
-    "QMaxPool3d",
-    "QReLU",
-    "QSoftmax",
-    "QSyncBatchNorm",
-    "SavedBytesMeter",
-    "SavedTensorCompressor",
-    "compress",
+    "ConversionReport",
+    "conversion_report",
+    # the published entry points (aliases over apply's handlers)
+    "convert",
     "CompressionConfig",
     "QModule",
     "convert_compressed",
     "set_optimization_level",
-    "levels",
-    "models",
-    "ConversionReport",
-    "conversion_report",
-    "convert",
+    "compress",
+    "SavedTensorCompressor",
+    "checkpoint",
+    # layers
+    *_ACTIVATION_CLASSES,
+    # ActNN's names of the compressed layers
+    "QAvgPool1d", "QAvgPool2d", "QAvgPool3d", "QBatchNorm1d", "QBatchNorm2d", "QBatchNorm3d",
+    "QConv1d", "QConv2d", "QConv3d", "QConvTranspose1d", "QConvTranspose2d", "QConvTranspose3d",
+    "QDropout", "QGroupNorm", "QLayerNorm", "QLinear", "QMaxPool1d", "QMaxPool2d", "QMaxPool3d",
+    "QReLU", "QSoftmax", "QSyncBatchNorm",
     "LinearCRS",
     "LinearGRP",
     "RandomizedConv1D",
     "RandomizedLinear",
-    "util",
+    # measuring
+    "SavedBytesMeter",
     "StepProfile",
-    "profile",
     "profile_step",
     "saved_bytes",
+    # subpackages
     "approx",
     "codecs",
     "functional",
+    "levels",
+    "models",
     "modules",
+    "profile",
+    "util",
 ]

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
 
+from .codecs.quantize import check_group_size as _group_size
+from .codecs.quantize import check_quant_bits as _quant_bits
 from .codecs.sketch import DEFAULT_SKETCH, SKETCHES
 
 __all__ = [
@@ -43,7 +45,6 @@ DEFAULT_LINEAR_EXCLUDE = r"(^|\.)(classifier|pooler|lm_head|score|qa_outputs|cls
 #: The layer groups :class:`Compress` can convert (``layers=``).
 COMPRESS_GROUPS = ("conv", "linear", "norm", "softmax", "attention", "lossless")
 
-_QUANT_BITS = (1, 2, 4, 8)
 
 
 def _int(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
@@ -52,19 +53,6 @@ def _int(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be an int {bound}, got {value!r}")
     return value
-
-
-def _group_size(value: Any) -> int:
-    _int("group_size", value, 1)
-    if value & (value - 1):
-        raise ValueError(f"group_size must be a power of two, got {value!r}")
-    return value
-
-
-def _quant_bits(value: Any) -> int:
-    if isinstance(value, bool) or value not in _QUANT_BITS:
-        raise ValueError(f"bits must be one of {list(_QUANT_BITS)}, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
