@@ -1,0 +1,65 @@
+"""Peak memory of a function on the CPU: torch.profiler allocation events, or the resident
+high-water mark (Linux)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["cpu_profiler_peak", "rss_step_peak"]
+
+
+def _allocation_events(prof: torch.profiler.profile) -> list[tuple[int, int]]:
+    from torch._C._profiler import _EventType
+
+    events: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((int(node.start_time_ns), int(node.extra_fields.alloc_size)))
+        stack.extend(node.children)
+    events.sort()
+    return events
+
+
+def cpu_profiler_peak(fn: Callable[[], Any]) -> int:
+    """Peak bytes allocated by ``fn`` above what was allocated before it, on the CPU.
+
+    Runs ``fn`` under `torch.profiler` with ``profile_memory=True`` and returns the maximum
+    of the running sum of allocation sizes (frees are negative) in time order.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    running = 0
+    peak = 0
+    for _, size in _allocation_events(prof):
+        running += size
+        peak = max(peak, running)
+    return peak
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not found in /proc/self/status")
+
+
+def rss_step_peak(fn: Callable[[], Any]) -> int:
+    """Peak resident memory of this process during ``fn`` above its resident size before.
+
+    Resets the high-water mark (``5 > /proc/self/clear_refs``), runs ``fn`` and reads
+    ``VmHWM``. Linux only. Meaningful only in a process started with
+    ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors go back to the OS at once
+    (setting it later with ``mallopt`` is not enough: memory freed before stays resident
+    and is reused without raising VmHWM).
+    """
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    fn()
+    return max(0, _status_kib("VmHWM") - before) * 1024
