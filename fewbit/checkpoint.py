@@ -165,7 +165,7 @@ def _autocast_state(args: Tuple[Any, ...]) -> Dict[str, Tuple[bool, torch.dtype]
     return {
         t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t))
         for t in sorted(types)
-        if t in ("cpu", "cuda", "xpu", "mps")
+        if torch.amp.is_autocast_available(t)
     }
 
 

@@ -153,6 +153,10 @@ class _Packed:
 
 
 def _storage_ptr(t: Tensor) -> int:
+    """Address of ``t``'s storage; a DTensor (FSDP2 parameter) gives its local shard's."""
+    local = getattr(t, "_local_tensor", None)  # torch.distributed.tensor.DTensor
+    if isinstance(local, Tensor):
+        t = local
     return t.untyped_storage().data_ptr()
 
 

@@ -25,7 +25,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..codecs.protocol import MaskPacker
 from ..codecs.quantize import GroupQuantizer, check_group_size, check_quant_bits
-from .saved import load_encoded, save_encoded
+from .saved import autocast_dtype, load_encoded, save_encoded
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -162,10 +162,10 @@ def scaled_dot_product_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(query.size(-1))
     device_type = query.device.type
-    if torch.is_autocast_enabled(device_type):
+    low = autocast_dtype(device_type)
+    if low is not None:
         # Autocast runs torch's op in its low-precision dtype: cast the floating arguments
         # as it would, then compute with autocast off (backward then sees one dtype).
-        low = torch.get_autocast_dtype(device_type)
         query, key, value = (t.to(low) for t in (query, key, value))
         if attn_mask is not None and attn_mask.is_floating_point():
             attn_mask = attn_mask.to(low)

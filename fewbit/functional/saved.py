@@ -23,7 +23,13 @@ from torch import Tensor
 from ..codecs.marks import mark_compact
 from ..codecs.protocol import Encoded
 
-__all__ = ["CHECKPOINT_HOOK_ATTR", "checkpoint_active", "load_encoded", "save_encoded"]
+__all__ = [
+    "CHECKPOINT_HOOK_ATTR",
+    "autocast_dtype",
+    "checkpoint_active",
+    "load_encoded",
+    "save_encoded",
+]
 
 #: Attribute set (True) on pack hooks that belong to a checkpoint region.
 CHECKPOINT_HOOK_ATTR = "fewbit_checkpoint_hook"
@@ -40,6 +46,16 @@ def checkpoint_active() -> bool:
         return True
     name = getattr(pack, "__qualname__", "")
     return name.startswith(_TORCH_CHECKPOINT_HOOKS)
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """Autocast's low-precision dtype when autocast is on for ``device_type``, else None
+    (also for device types autocast does not know, such as ``meta``)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def save_encoded(ctx: Any, *encoded: Optional[Encoded], extra: Sequence[Tensor] = ()) -> None:

@@ -58,7 +58,7 @@ from ..codecs.quantize import QuantizedTensor, check_group_size, check_quant_bit
 from ..compress import SavedTensorCompressor, observe_saved, report_saved
 from ..functional import pooling as FP
 from ..functional.dropout import dropout
-from ..functional.saved import checkpoint_active
+from ..functional.saved import autocast_dtype, checkpoint_active
 from .activations import ReLU
 
 __all__ = [
@@ -220,6 +220,8 @@ class LayerStats:
         return new if first else self.momentum * old + (1 - self.momentum) * new
 
     def update_range(self, q: QuantizedTensor, numel: int) -> None:
+        if q.scale.device.type == "meta":  # shapes only: nothing to measure
+            return
         levels = (1 << q.bits) - 1
         rng = q.scale.float() * levels
         rng = rng[torch.isfinite(rng)]
@@ -228,6 +230,8 @@ class LayerStats:
         self.numel = numel
 
     def update_grad(self, grad: Tensor) -> None:
+        if grad.device.type == "meta":  # shapes only: nothing to measure
+            return
         value = float(grad.detach().float().pow(2).mean()) if grad.numel() else 0.0
         self.grad_sq = self._ema(self.grad_sq, value, self.steps == 0)
         self.steps += 1
@@ -244,12 +248,11 @@ AUTOCAST_POLICIES = ("low", "fp32_cuda", "none")
 def _autocast_input(input: Tensor, policy: str) -> Tensor:
     """``input`` cast as autocast would cast it for an op of ``policy`` (see the table)."""
     device_type = input.device.type
-    if policy == "none" or not torch.is_autocast_enabled(device_type):
-        return input
-    if not input.is_floating_point() or input.dtype == torch.float64:
-        return input  # autocast leaves these alone
+    low = autocast_dtype(device_type) if policy != "none" else None
+    if low is None or not input.is_floating_point() or input.dtype == torch.float64:
+        return input  # autocast off, or a tensor autocast leaves alone
     if policy == "low":
-        return input.to(torch.get_autocast_dtype(device_type))
+        return input.to(low)
     return input.float() if device_type == "cuda" else input
 
 

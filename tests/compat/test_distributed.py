@@ -85,11 +85,7 @@ def test_ddp(row: str, ddp: Dict[str, Any]) -> None:
     check_row(row, ddp[row])
 
 
-FSDP2_XFAIL = {
-    "generic": "fewbit.compress(model=...) of a fully_shard model: 'Attempted to access the data "
-               "pointer on an invalid python storage' (compress.py _storage_ptr of a DTensor "
-               "parameter)",
-}
+FSDP2_XFAIL: Dict[str, str] = {}
 
 
 @pytest.mark.parametrize("row", xfail_rows(FSDP2_XFAIL))

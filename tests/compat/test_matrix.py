@@ -143,11 +143,7 @@ def meta_shapes(row: str, model: torch.nn.Module) -> None:
     model.zero_grad(set_to_none=True)
 
 
-META_XFAIL: Dict[str, str] = {
-    **{lvl: "torch.is_autocast_enabled('meta') raises 'unknown device type for autocast' "
-            "(fewbit/modules/compressed.py _autocast_input), item 3"
-       for lvl in ("L1", "L2", "L3", "L4")},
-}
+META_XFAIL: Dict[str, str] = {}
 
 
 @pytest.mark.parametrize("row", cells(META_XFAIL))
