@@ -145,3 +145,24 @@ def test_bad_arguments() -> None:
         checkpoint(5, torch.randn(2))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="min_numel"):
         checkpoint(nn.Linear(2, 2), torch.randn(2, 2), min_numel=-1)
+
+
+def test_compressed_attention_inside_checkpoint_is_torch() -> None:
+    """Inside a checkpoint region compressed SDPA is torch's op: no quantization work in the
+    forward nor in the recompute, and nothing held (the region keeps nothing)."""
+    import torch.nn.functional as F
+
+    from fewbit.functional.attention import scaled_dot_product_attention as sdpa
+
+    q, k, v = (torch.randn(2, 4, 32, 16, requires_grad=True) for _ in range(3))
+
+    def region(fn: Any) -> Callable[[Tensor], Tensor]:
+        return lambda x: fn(x, k, v).sin()
+
+    ref, out_ref = held_after(lambda: TC.checkpoint(region(F.scaled_dot_product_attention), q,
+                                                    use_reentrant=False))
+    mine, out = held_after(lambda: TC.checkpoint(region(sdpa), q, use_reentrant=False))
+    assert mine == ref
+    assert torch.equal(out, out_ref)
+    g = torch.randn_like(out)
+    assert torch.equal(torch.autograd.grad(out, q, g)[0], torch.autograd.grad(out_ref, q, g)[0])

@@ -10,7 +10,8 @@ quantization step (``range / (2**bits - 1)`` of its group), unbiased.
 Follows torch's op where it is silent: without autograd it calls
 ``F.scaled_dot_product_attention`` (evaluation bitwise torch's); under ``torch.autocast``
 the floating inputs are cast to the autocast dtype first, as autocast does for torch's op;
-zero keys or queries give torch's result (zeros). Double backward is not supported.
+zero keys or queries give torch's result (zeros); inside an activation checkpoint region
+(which keeps nothing and recomputes) it is torch's op. Double backward is not supported.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..codecs.protocol import MaskPacker
 from ..codecs.quantize import GroupQuantizer, check_group_size, check_quant_bits
-from .saved import autocast_dtype, load_encoded, save_encoded
+from .saved import autocast_dtype, checkpoint_active, load_encoded, save_encoded
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -145,7 +146,9 @@ def scaled_dot_product_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (query, key, value, attn_mask) if t is not None
     )
-    if not needs_grad or key.size(-2) == 0 or query.size(-2) == 0:
+    empty = key.size(-2) == 0 or query.size(-2) == 0
+    if not needs_grad or empty or checkpoint_active():
+        # Nothing to save, or a checkpoint region that keeps nothing and recomputes: torch's.
         kwargs = {"enable_gqa": True} if enable_gqa else {}
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs
