@@ -41,7 +41,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .bitpack import pack, packed_nbytes, unpack
+from .bitpack import packed_nbytes
+from .fused import compile_enabled, fused
 from .protocol import Encoded, restride, saved_stride
 
 __all__ = [
@@ -66,6 +67,7 @@ META_BYTES_PER_GROUP = 4  # 16-bit lo + 16-bit scale
 _CHUNK = 1 << 20
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_NAN_BITS = {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}  # canonical quiet NaNs
 
 
 @dataclass
@@ -177,18 +179,27 @@ def _lo_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if dtype == torch.float16 else torch.bfloat16
 
 
+def _bf16_directed(v: Tensor, up: bool) -> Tensor:
+    """Nearest bfloat16 value at or above (``up``) / at or below ``v`` (float32), as
+    bfloat16; NaN stays NaN. Integer ops on the float's bits: exact under any compiler
+    (a compiler may drop a float32 -> bfloat16 -> float32 round trip, not these)."""
+    u = v.view(torch.int32)
+    inexact = (u & 0xFFFF) != 0
+    away = inexact & ((u >= 0) if up else (u < 0))  # away from zero = the requested side
+    r = (u & -65536) + torch.where(away, 0x10000, 0).to(torch.int32)
+    return torch.where(v != v, v, r.view(torch.float32)).to(torch.bfloat16)
+
+
 def _round_down(v: Tensor, dtype: torch.dtype) -> Tensor:
-    """Largest ``dtype`` value <= ``v`` (float32 in), elementwise; NaN stays NaN."""
-    r = v.to(dtype)
-    down = torch.nextafter(r, torch.full_like(r, float("-inf")))
-    return torch.where(r.float() > v, down, r)
+    """Largest ``dtype`` value <= ``v`` (float32 in; float16 only for values that are
+    float16 already, the minima of float16 inputs), elementwise; NaN stays NaN."""
+    return v.to(dtype) if dtype == torch.float16 else _bf16_directed(v, up=False)
 
 
 def _round_up(v: Tensor, dtype: torch.dtype) -> Tensor:
-    """Smallest ``dtype`` value >= ``v`` (float32 in), elementwise; NaN stays NaN."""
-    r = v.to(dtype)
-    up = torch.nextafter(r, torch.full_like(r, float("inf")))
-    return torch.where(r.float() < v, up, r)
+    """Smallest bfloat16 value >= ``v`` (float32 in), elementwise; NaN stays NaN."""
+    assert dtype == torch.bfloat16
+    return _bf16_directed(v, up=True)
 
 
 def _blocks(rows: int, row_len: int, group_size: int) -> list[tuple[int, int, int, int]]:
@@ -240,30 +251,76 @@ def draw_seed(generator: torch.Generator | None, device: torch.device | str) -> 
     return seed.to(device, non_blocking=True)
 
 
+_MIX1 = 0x7FEB352D
+_MIX2 = 0x846CA68B - 2**32  # as int32
+
+
 def _mix32(h: Tensor) -> Tensor:
-    """A bijective 32-bit integer hash (xor-shift-multiply; "lowbias32" constants), int64
-    tensors holding values in ``[0, 2**32)``."""
+    """A bijective hash of 32-bit words held in int32 (xor-shift-multiply, "lowbias32"
+    constants; multiplications wrap modulo 2**32, shifts are made logical by masking)."""
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _MIX1
+    h = h ^ ((h >> 15) & 0x1FFFF)
+    h = h * _MIX2
+    return h ^ ((h >> 16) & 0xFFFF)
+
+
+def _mix32_wide(h: Tensor) -> Tensor:
+    """:func:`_mix32` on int64 tensors holding values in ``[0, 2**32)`` (same function)."""
     h = h ^ (h >> 16)
-    h = (h * 0x7FEB352D) & _M32
+    h = (h * _MIX1) & _M32
     h = h ^ (h >> 15)
-    h = (h * 0x846CA68B) & _M32
+    h = (h * (_MIX2 & _M32)) & _M32
     return h ^ (h >> 16)
 
 
-def _block_key(seed: Tensor, e0: int) -> Tensor:
-    """32-bit key of the block starting at element ``e0`` (int64 tensor ops: no sync)."""
-    k = seed ^ ((e0 * 0x9E3779B97F4A7C15) % 2**62)
-    return _mix32(((k >> 32) ^ _mix32(k & _M32)) & _M32)
+def _seed_key(seed: Tensor) -> Tensor:
+    """32-bit noise key (int64 tensor in ``[0, 2**32)``) of a 62-bit seed; no sync."""
+    return _mix32_wide(((seed >> 32) ^ _mix32_wide(seed & _M32)) & _M32)
 
 
-def _uniform(key: Tensor, n: int, device: torch.device) -> Tensor:
-    """``n`` float32 values in ``[0, 1)`` (24 random bits each) of one block.
+def _block_key(key: Tensor, e0: int) -> Tensor:
+    """Key of the block starting at element ``e0``: ``(key + e0) mod 2**32`` as int32."""
+    k = (key + (e0 & _M32)) & _M32
+    return (k - ((k >> 31) << 32)).to(torch.int32)
 
-    Element ``i`` is ``mix32((i + key) mod 2**32) >> 8`` scaled by ``2**-24``: for a uniform
-    key every element's noise is exactly uniform on the 2**24 grid (mix32 is a bijection).
+
+def _uniform(key: Tensor, nrows: int, ncols: int, width: int, device: torch.device) -> Tensor:
+    """Noise of a block: ``(nrows, width)`` float32 values in ``[0, 1)``, 24 random bits each.
+
+    Position ``(r, j)`` holds the noise of the block's element ``r * ncols + j`` (columns
+    ``j >= ncols`` are padding, any value): ``mix32((e + key) mod 2**32) >> 8`` scaled by
+    ``2**-24``, ``e`` the element's index in the tensor (``key`` already includes the block's
+    first index). For a uniform key every element's noise is exactly uniform on that grid
+    (mix32 is a bijection), distinct elements below 2**32 apart get distinct hash inputs, and
+    the noise of an element does not depend on how the tensor is cut into blocks.
     """
-    i = torch.arange(n, dtype=torch.int64, device=device)
-    return (_mix32((i + key) & _M32) >> 8).to(torch.float32) * 2.0**-24
+    j = torch.arange(width, dtype=torch.int32, device=device)
+    r = torch.arange(nrows, dtype=torch.int32, device=device) * ncols
+    h = _mix32((r.unsqueeze(1) + j) + key)
+    return ((h >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24
+
+
+def _pack_pow2(codes: Tensor, bits: int) -> Tensor:
+    """Codes (uint8, 1-D, values below ``2**bits``, bits in {1, 2, 4, 8}) packed in the
+    :mod:`~fewbit.codecs.bitpack` layout: byte ``j`` holds codes ``j*p .. j*p+p-1``
+    (``p = 8 // bits``), code ``k`` of them at bit ``k * bits``. ``p - 1`` eager passes over
+    ``n / p`` bytes."""
+    per = 8 // bits
+    n = codes.numel()
+    c = torch.nn.functional.pad(codes, (0, -n % per)).view(-1, per)
+    acc = c[:, 0].clone()
+    for k in range(1, per):
+        acc |= c[:, k] << (k * bits)
+    return acc
+
+
+def _unpack_pow2(b: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of :func:`_pack_pow2`: the first ``n`` codes of packed bytes ``b`` (uint8)."""
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.uint8, device=b.device) * bits
+    codes = (b.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:n]
 
 
 # ----------------------------------------------------------------------------- torch path
@@ -283,8 +340,10 @@ def _quantize_block(
     scale32 = scale.float()
     # Non-finite groups store NaN; unconditional (no host sync on GPU).
     bad = ~(torch.isfinite(lo32) & torch.isfinite(scale32))
-    lo = torch.where(bad, float("nan"), lo)
-    scale = torch.where(bad, float("nan"), scale)
+    # the quiet NaN with a clear sign bit, set through the bits: identical under compilers
+    lo = torch.where(bad, _NAN_BITS[lo_dtype], lo.view(torch.int16)).view(lo_dtype)
+    scale = torch.where(bad, _NAN_BITS[torch.bfloat16], scale.view(torch.int16))
+    scale = scale.view(torch.bfloat16)
     lo32 = torch.where(bad, 0.0, lo32)
     scale32 = torch.where(bad, 0.0, scale32)
     safe = torch.where(scale32 > 0, scale32, 1.0).unsqueeze(1)
@@ -300,9 +359,52 @@ def _encode_block(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Codes of ``nrows x ncols`` elements ``x`` in element order, lo and scale."""
     g = _grouped(x, nrows, ncols, group_size)
-    noise = _uniform(key, g.numel(), g.device)
+    noise = _uniform(key, nrows, ncols, g.numel() // nrows, g.device)
     codes, lo, scale = _quantize_block(g, noise, bits, lo_dtype)
     return codes.reshape(nrows, -1)[:, :ncols].reshape(-1), lo, scale
+
+
+def _encode_flat(
+    x: Tensor, key: Tensor, bits: int, group_size: int, lo_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_encode_block` of a whole tensor cut into groups of ``group_size`` consecutive
+    elements (``numel % group_size == 0``): codes (uint8, element order), lo, scale.
+    The fused (compiled) form is one pass over ``x``; bits are not specialised."""
+    g = x.view(-1, group_size).float()
+    i = torch.arange(x.numel(), dtype=torch.int32, device=x.device)
+    noise = ((_mix32(i + key) >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24
+    codes, lo, scale = _quantize_block(g, noise, bits, lo_dtype)
+    return codes.view(-1), lo, scale
+
+
+def _decode_flat(
+    codes: Tensor, lo: Tensor, scale: Tensor, group_size: int, dtype: torch.dtype
+) -> Tensor:
+    """``lo + code * scale`` of codes in groups of ``group_size`` consecutive elements."""
+    c = codes.view(-1, group_size).float()
+    v = torch.addcmul(lo.float().unsqueeze(1), c, scale.float().unsqueeze(1))
+    return v.view(-1).to(dtype)
+
+
+def _decode_block(
+    b: Tensor, lo: Tensor, scale: Tensor, skip: int, nrows: int, ncols: int, bits: int,
+    group_size: int, dtype: torch.dtype,
+) -> Tensor:  # fmt: skip
+    """``lo + code * scale`` of ``nrows x ncols`` elements whose codes start ``skip`` codes
+    into the packed bytes ``b`` (element order, ``dtype``)."""
+    codes = _unpack_pow2(b, bits, skip + nrows * ncols)[skip:]
+    c = _grouped(codes, nrows, ncols, group_size)
+    v = torch.addcmul(lo.float().unsqueeze(1), c, scale.float().unsqueeze(1))
+    return v.reshape(nrows, -1)[:, :ncols].reshape(-1).to(dtype)
+
+
+_encode_fused = fused(_encode_flat)
+_decode_fused = fused(_decode_flat)
+# Tensors the fused codec handles: from _FUSED_MIN elements (below, eager is as fast and no
+# compile is paid) to _FUSED_MAX (int32 element offsets inside one call), whose rows are
+# whole groups (then per-sample groups are runs of group_size consecutive elements).
+_FUSED_MIN = 1 << 16
+_FUSED_MAX = 1 << 30
 
 
 def _torch_quantize(
@@ -310,11 +412,20 @@ def _torch_quantize(
     noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """PyTorch path: (packed, lo, scale); noise from ``seed`` (or the given ``noise``, one
-    float32 in [0, 1) per element in element order, for tests)."""
+    float32 in [0, 1) per element in element order, for tests).
+
+    CPU tensors up to ``_FUSED_MAX`` elements: one call of the fused (compiled) encoder
+    (:mod:`fewbit.codecs.fused`); else blocks of about ``_CHUNK`` elements, eagerly. Both
+    give the same bytes (the noise of an element depends on the seed and its index only).
+    """
     rows, row_len = _rows(x.shape, per_sample)
-    n_groups_row = -(-row_len // group_size) if row_len else 0
     lo_dtype = _lo_dtype(x.dtype)
     flat = x.reshape(-1)
+    key = None if seed is None else _seed_key(seed)
+    if noise is None and key is not None and _use_fused(x, rows * row_len, row_len, group_size):
+        codes, lo, scale = _encode_fused(flat, _block_key(key, 0), bits, group_size, lo_dtype)
+        return _pack_pow2(codes, bits), lo, scale
+    n_groups_row = -(-row_len // group_size) if row_len else 0
     codes = torch.empty(rows * row_len, dtype=torch.uint8, device=x.device)
     lo = torch.empty(rows * n_groups_row, dtype=lo_dtype, device=x.device)
     scale = torch.empty(rows * n_groups_row, dtype=torch.bfloat16, device=x.device)
@@ -323,9 +434,9 @@ def _torch_quantize(
         e1 = (r1 - 1) * row_len + c1
         nrows, ncols = r1 - r0, c1 - c0
         if noise is None:
-            assert seed is not None
+            assert key is not None
             c, lo_b, scale_b = _encode_block(
-                flat[e0:e1], _block_key(seed, e0), nrows, ncols, bits, group_size, lo_dtype
+                flat[e0:e1], _block_key(key, e0), nrows, ncols, bits, group_size, lo_dtype
             )
         else:
             g = _grouped(flat[e0:e1], nrows, ncols, group_size)
@@ -336,38 +447,39 @@ def _torch_quantize(
         lo[g0 : g0 + lo_b.numel()] = lo_b
         scale[g0 : g0 + scale_b.numel()] = scale_b
         codes[e0:e1] = c
-    return _pack_chunked(codes, bits), lo, scale
+    return _pack_pow2(codes, bits), lo, scale
 
 
-def _pack_chunked(codes: Tensor, bits: int) -> Tensor:
-    """bitpack.pack in chunks of a multiple of 8 codes (bounds its int64 transient)."""
-    if codes.numel() <= _CHUNK:
-        return pack(codes, bits)
-    return torch.cat([pack(codes[i : i + _CHUNK], bits) for i in range(0, codes.numel(), _CHUNK)])
+def _use_fused(t: Tensor, numel: int, row_len: int, group_size: int) -> bool:
+    """Whether the fused (compiled) codec handles this tensor (see ``_FUSED_MIN``)."""
+    if t.device.type != "cpu" or not _FUSED_MIN <= numel <= _FUSED_MAX:
+        return False
+    return row_len % group_size == 0 and compile_enabled()
 
 
 def _torch_dequantize(
     packed: Tensor, lo: Tensor, scale: Tensor, shape: Sequence[int], dtype: torch.dtype,
     bits: int, group_size: int, per_sample: bool,
 ) -> Tensor:  # fmt: skip
-    """PyTorch path of :func:`dequantize` (contiguous output)."""
+    """PyTorch path of :func:`dequantize` (contiguous output): one fused call on the CPU
+    (see :func:`_torch_quantize`), else eager blocks of about ``_CHUNK`` elements."""
     rows, row_len = _rows(shape, per_sample)
+    if _use_fused(packed, rows * row_len, row_len, group_size):
+        codes = _unpack_pow2(packed, bits, rows * row_len)
+        return _decode_fused(codes, lo, scale, group_size, dtype).reshape(tuple(shape))
     n_groups_row = -(-row_len // group_size) if row_len else 0
     out = torch.empty(rows * row_len, dtype=dtype, device=packed.device)
-    lo32 = lo.float()
-    scale32 = scale.float()
     for r0, r1, c0, c1 in _blocks(rows, row_len, group_size):
         e0 = r0 * row_len + c0
         e1 = (r1 - 1) * row_len + c1
-        a0 = e0 - e0 % 8  # bitpack needs a whole byte boundary: unpack from a multiple of 8
+        a0 = e0 - e0 % 8  # start unpacking at a whole byte: a multiple of 8 codes
         b0, b1 = a0 * bits // 8, packed_nbytes(e1, bits)
-        codes = unpack(packed[b0:b1], bits, e1 - a0)[e0 - a0 :]
-        nrows, ncols = r1 - r0, c1 - c0
-        c = _grouped(codes, nrows, ncols, group_size)
         g0 = r0 * n_groups_row + c0 // group_size
-        g1 = g0 + c.shape[0]
-        v = torch.addcmul(lo32[g0:g1].unsqueeze(1), c, scale32[g0:g1].unsqueeze(1))
-        out[e0:e1] = v.reshape(nrows, -1)[:, :ncols].reshape(-1)
+        g1 = g0 + (r1 - r0) * (-(-(c1 - c0) // group_size))
+        out[e0:e1] = _decode_block(
+            packed[b0:b1], lo[g0:g1], scale[g0:g1], e0 - a0, r1 - r0, c1 - c0, bits,
+            group_size, dtype,
+        )  # fmt: skip
     return out.reshape(tuple(shape))
 
 
