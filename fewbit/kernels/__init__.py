@@ -79,7 +79,7 @@ def sketch_project(
     scale: float = 1.0,
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """``scale * S^T x`` with a Philox random ``S`` made in registers; see :mod:`.sketch`."""
+    """``scale * S^T x`` with a Philox random ``S`` made once per call; see :mod:`.sketch`."""
     from .sketch import project as impl
 
     return impl(x, k, seed, kind, scale, out_dtype)
