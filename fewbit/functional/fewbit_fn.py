@@ -28,6 +28,7 @@ gradients are NaN (never a finite wrong value).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -78,10 +79,13 @@ def _keep(t: Tensor) -> Tensor:
     return t
 
 
-def private_autograd() -> torch.autograd.graph.saved_tensors_hooks:
+def private_autograd() -> contextlib.AbstractContextManager:
     """Identity saved-tensor hooks for fewbit's own transient graphs (table building, the
     derivative at non-finite inputs): they are not saves of the user's model, so outer hooks
-    (the generic compressor, the profiler) must not see them."""
+    (the generic compressor, the profiler) must not see them. While torch.compile traces
+    (a graph has no Python saved-tensor hooks) it is a no-op context."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
 
@@ -373,8 +377,99 @@ class FewBitActivation(torch.autograd.Function):
         return out[:n].view(ctx.shape), None  # type: ignore[attr-defined]
 
 
+# --- torch.compile: the same op as torch.library custom ops ------------------------------------
+#
+# A traced graph calls ``fewbit::activation_forward`` / ``fewbit::activation_backward``, opaque
+# ops whose eager implementations are the functions above (so the forward output is still
+# torch's own, bit for bit, and the codes the same). Ops take tensors and plain values, so a
+# spec is named by a key string; ``_SPECS`` maps keys to specs (one entry per distinct
+# activation, table and bit width used under torch.compile; a few hundred bytes each).
+
+_SPECS: dict[str, ActivationSpec] = {}
+_OP_DERIVATIVES: dict[tuple[str, torch.dtype], tuple[float, ...]] = {}
+
+
+@torch.compiler.assume_constant_result
+def _spec_key(spec: ActivationSpec) -> str:
+    """The key of a spec with a kernel name (its values name it completely), registered."""
+    params = tuple(sorted((k, repr(v)) for k, v in spec.params.items()))
+    key = repr((spec.kernel, params, spec.levels, spec.bits, spec.boundaries, spec.symmetric))
+    if key not in _SPECS:
+        # torch's derivative at non-finite inputs, now: the ops run below autograd
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                values = _nonfinite_derivatives(spec, dtype, torch.device("cpu")).tolist()
+                _OP_DERIVATIVES[(key, dtype)] = tuple(values)
+        _SPECS[key] = spec
+    return key
+
+
+def _scan_chunk(x: Tensor, spec: ActivationSpec) -> int:
+    return _KERNEL_SCAN_CHUNK if spec.kernel is not None and _use_kernels(x) else _CHUNK
+
+
+@torch.library.custom_op("fewbit::activation_forward", mutates_args=())
+def _forward_op(x: Tensor, key: str) -> tuple[Tensor, Tensor, Tensor]:
+    y, packed, side, _ = _forward_and_pack(x, _SPECS[key])
+    return y, packed, side
+
+
+@_forward_op.register_fake
+def _forward_fake(x: Tensor, key: str) -> tuple[Tensor, Tensor, Tensor]:
+    spec = _SPECS[key]
+    n, chunk = x.numel(), _scan_chunk(x, spec)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if chunk == _CHUNK:
+        y = torch.empty_like(x)
+    packed = x.new_empty(packed_nbytes(n, spec.bits), dtype=torch.uint8)
+    return y, packed, x.new_empty(side_store_nbytes(n, chunk) // 8, dtype=torch.int64)
+
+
+@torch.library.custom_op("fewbit::activation_backward", mutates_args=())
+def _backward_op(
+    grad: Tensor, packed: Tensor, side: Tensor, key: str, chunk: int, dtype: torch.dtype
+) -> Tensor:
+    spec = _SPECS[key]
+    n = grad.numel()
+    out = _grad_times_levels(grad, packed, side, chunk, spec)
+    derivative = table_tensor(_OP_DERIVATIVES[(key, dtype)], dtype, grad.device)
+    _apply_slots(out, grad.reshape(-1), side, n, chunk, derivative)
+    return out[:n].view(grad.shape).clone()
+
+
+@_backward_op.register_fake
+def _backward_fake(
+    grad: Tensor, packed: Tensor, side: Tensor, key: str, chunk: int, dtype: torch.dtype
+) -> Tensor:
+    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, key = inputs
+    _, packed, side = output
+    ctx.save_for_backward(packed, side)
+    ctx.key, ctx.dtype = key, x.dtype
+    ctx.chunk = _scan_chunk(x, _SPECS[key])
+
+
+def _op_backward(ctx, grad: Tensor, *_: Tensor):  # noqa: ANN001
+    packed, side = ctx.saved_tensors
+    return _backward_op(grad, packed, side, ctx.key, ctx.chunk, ctx.dtype), None
+
+
+_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
 def apply_fewbit(x: Tensor, spec: ActivationSpec) -> Tensor:
-    """Run ``spec.forward`` on x, saving only a ``spec.bits``-bit code when a gradient is needed."""
+    """Run ``spec.forward`` on x, saving only a ``spec.bits``-bit code when a gradient is needed.
+
+    Eager: the autograd Function :class:`FewBitActivation`. While torch.compile traces, a
+    spec with a kernel name goes through the custom ops ``fewbit::activation_forward`` /
+    ``fewbit::activation_backward`` (same computation, no graph break)."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         return spec.forward(x)
+    if spec.kernel is not None and torch.compiler.is_compiling():
+        return _forward_op(x, _spec_key(spec))[0]
     return FewBitActivation.apply(x, spec)
