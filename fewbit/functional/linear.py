@@ -361,6 +361,9 @@ class _ColumnRowLinear(torch.autograd.Function):
             ctx.save_for_backward(weight, None, None)
         elif ctx.exact:
             ctx.save_for_backward(weight, x, None)
+        elif x.is_meta:  # shapes only: the number of distinct columns is at most ``pairs``
+            columns = torch.arange(pairs, device=x.device)
+            ctx.save_for_backward(weight, x[:, columns], columns)
         else:
             columns, scale = _sample_columns(x, pairs, seed)
             kept = (x[:, columns].to(torch.float64) * scale).to(x.dtype)

@@ -112,6 +112,14 @@ def test_meta_device(kind: str) -> None:
     assert conv(torch.empty(2, 16, device="meta")).shape == (2, 8)
 
 
+def test_meta_device_crs() -> None:
+    m = LinearCRS(16, 8, device="meta", proj_dim=3)
+    y = m(torch.empty(4, 5, 16, device="meta"))
+    assert y.is_meta and y.shape == (4, 5, 8)
+    y.sum().backward()
+    assert m.weight.grad is not None and m.weight.grad.shape == (8, 16)
+
+
 # --- activation checkpointing -----------------------------------------------------------------
 
 
