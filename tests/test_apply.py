@@ -295,3 +295,25 @@ def test_checkpoint_on_a_transformers_model() -> None:
     assert set(got) == set(want)
     for k in want:  # 8-bit hidden states at the layer boundary (see the test above)
         assert (got[k] - want[k]).norm() / want[k].norm() < 0.05, k
+
+
+def test_allocator_sets_the_process_allocator_only_when_asked(monkeypatch) -> None:
+    import os
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    model = nn.Sequential(nn.Linear(4, 4))
+    fewbit.apply(model, fewbit.Allocator(expandable_segments=True))
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        pytest.skip("CUDA already started: the runtime setting is used instead of the env")
+    fewbit.apply(model, fewbit.Allocator(expandable_segments=True, set_process_allocator=True))
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert "set for this process" in str(fewbit.conversion_report(model))
+    fewbit.unapply(model)
+    assert fewbit.conversion_report(model).converted == []
+
+
+def test_sketch_leaves_compressed_linears() -> None:
+    model = fewbit.apply(_mlp(), Compress(bits=4, layers=("linear",)), Sketch(ratio=0.5))
+    assert all(isinstance(model[i], C.Linear) for i in (0, 4, 6))
+    assert not any(isinstance(m, fewbit.RandomizedLinear) for m in model.modules())
