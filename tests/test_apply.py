@@ -300,7 +300,8 @@ def test_checkpoint_on_a_transformers_model() -> None:
 def test_allocator_sets_the_process_allocator_only_when_asked(monkeypatch) -> None:
     import os
 
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # restored (unset) after the test
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     model = nn.Sequential(nn.Linear(4, 4))
     fewbit.apply(model, fewbit.Allocator(expandable_segments=True))
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ

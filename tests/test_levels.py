@@ -158,7 +158,8 @@ def test_level5_does_not_change_process_state(monkeypatch):
 
     import fewbit
 
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # restored (unset) after the test
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     model = L.QModule(nn.Sequential(nn.Linear(4, 4)), "L5")
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ  # not set silently
     text = str(fewbit.conversion_report(model))
