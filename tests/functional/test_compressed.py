@@ -233,3 +233,25 @@ def test_attention_follows_autocast(dtype):
     # Both compute in `dtype` (8 mantissa bits for bf16: 2**-8 relative per operation); on
     # top, 8-bit saved operands add < range/255 per element (about 2.5%, see above).
     assert max(_rel(a, b) for a, b in zip(grads, gref)) < 0.08
+
+
+def test_dropout_fused_cpu_path_is_torch_bitwise(monkeypatch):
+    """Issue 10 item 2: from FUSED_MIN elements the CPU path is one compiled pass per
+    direction; outputs, gradients and stored bytes stay torch's / the eager path's."""
+    import importlib
+
+    D = importlib.import_module("fewbit.functional.dropout")
+    x = torch.randn(D.FUSED_MIN, requires_grad=True)
+    g = torch.randn_like(x)
+    results = []
+    for compile_flag in ("1", "0"):
+        monkeypatch.setenv("FEWBIT_COMPILE", compile_flag)
+        torch.manual_seed(3)
+        out, nbytes = saved_bytes(D.dropout, x, 0.3)
+        results.append((out, torch.autograd.grad(out, x, g)[0], nbytes))
+    torch.manual_seed(3)
+    ref = F.dropout(x, 0.3)
+    gref = torch.autograd.grad(ref, x, g)[0]
+    for out, gx, nbytes in results:
+        assert torch.equal(out, ref) and torch.equal(gx, gref)
+        assert nbytes == packed_nbytes(x.numel(), 1)
