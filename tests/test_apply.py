@@ -158,7 +158,7 @@ def test_generic_mode_closes_its_context_when_forward_raises() -> None:
     with pytest.raises(RuntimeError):
         model(torch.randn(2, 5))
     enter = next(iter(model._forward_pre_hooks.values()))
-    assert enter.open == []
+    assert enter.open == {}
 
 
 @pytest.mark.parametrize("call", [fewbit.apply, fewbit.unapply, fewbit.conversion_report,

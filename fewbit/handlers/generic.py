@@ -10,8 +10,9 @@ the settings; undo removes the hooks.
 
 from __future__ import annotations
 
+import threading
 from contextlib import ExitStack
-from typing import Any, List
+from typing import Any, Dict, List
 
 from torch import nn
 
@@ -23,22 +24,31 @@ __all__ = ["GenericEnter", "GenericHandler", "GenericLeave", "generic_settings"]
 
 
 class GenericEnter:
-    """Forward pre-hook: opens the compress context of one forward call (kept on a stack, so
-    re-entrant forwards of the root nest)."""
+    """Forward pre-hook: opens the compress context of one forward call. Open contexts are kept
+    per thread (saved-tensor hooks are thread-local; ``nn.DataParallel`` replicas share this
+    hook) on a stack, so re-entrant forwards of the root nest."""
 
     def __init__(self, config: Generic) -> None:
         self.config = config
-        self.open: List[ExitStack] = []
+        self.open: Dict[int, List[ExitStack]] = {}
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         stack = ExitStack()
         c = self.config
         stack.enter_context(compress(c.bits, group_size=c.group_size, min_numel=c.min_numel,
                                      model=module, offload=c.offload))
-        self.open.append(stack)
+        self.open.setdefault(threading.get_ident(), []).append(stack)
+
+    def close_one(self) -> None:
+        """Close the innermost context opened by this thread."""
+        stacks = self.open.get(threading.get_ident())
+        if stacks:
+            stacks.pop().close()
+            if not stacks:
+                del self.open[threading.get_ident()]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config, "open": []}  # an open context does not travel
+        return {"config": self.config, "open": {}}  # an open context does not travel
 
 
 class GenericLeave:
@@ -48,8 +58,7 @@ class GenericLeave:
         self.enter = enter
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.enter.open:
-            self.enter.open.pop().close()
+        self.enter.close_one()
 
 
 def generic_settings(model: nn.Module) -> List[Generic]:
