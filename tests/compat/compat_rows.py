@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 import fewbit
 
-ROWS: List[str] = ["gelu3", "randomized", "L1", "L2", "L3", "L4", "generic"]
+LEVEL_ROWS: List[str] = ["L1", "L2", "L3", "L3.1", "L4", "L5"]
+ROWS: List[str] = ["gelu3", "randomized", *LEVEL_ROWS, "generic"]
 IN, HIDDEN, BATCH, SEQ = 64, 128, 4, 16
 
 
@@ -61,7 +62,7 @@ def convert(row: str, model: nn.Module) -> nn.Module:
     if row == "randomized":
         # ratio 0.5: k = N/2 = 32 of the 64 rows of each linear input are kept.
         return fewbit.convert(model, activations=False, linear=0.5)
-    if row in ("L1", "L2", "L3", "L4"):
+    if row in LEVEL_ROWS:
         return fewbit.QModule(model, level=row)
     if row == "generic":
         return model

@@ -15,14 +15,16 @@ import sys
 import xml.etree.ElementTree as ET
 from typing import Dict, List, Optional, Tuple
 
-ROWS = ["gelu3", "randomized", "L1", "L2", "L3", "L4", "generic"]
+ROWS = ["gelu3", "randomized", "L1", "L2", "L3", "L3.1", "L4", "L5", "generic"]
 ROW_NAMES = {
     "gelu3": "few-bit activations (`fewbit.GELU(bits=3)`)",
     "randomized": "`RandomizedLinear`",
     "L1": "`QModule` L1",
     "L2": "`QModule` L2",
     "L3": "`QModule` L3",
+    "L3.1": "`QModule` L3.1",
     "L4": "`QModule` L4",
+    "L5": "`QModule` L5",
     "generic": "generic mode (`fewbit.compress(bits=2)`)",
 }
 COLUMNS = ["compile", "compile fullgraph", "autocast bf16", "autocast fp16", "ckpt non-reentrant",

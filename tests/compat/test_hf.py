@@ -21,7 +21,7 @@ import compat_rows as R  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-LEVELS = ["L1", "L2", "L3", "L4"]
+LEVELS = R.LEVEL_ROWS
 
 
 def is_fewbit(module: nn.Module) -> bool:

@@ -57,7 +57,7 @@ FULLGRAPH_XFAIL = {
              "does not trace (item 2)",
     **{lvl: "graph break: CompressedLayer._compressed_training is torch.compiler.disable'd "
             "(item 2)"
-       for lvl in ("L1", "L2", "L3", "L4")},
+       for lvl in R.LEVEL_ROWS},
 }
 
 
