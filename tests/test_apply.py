@@ -318,3 +318,13 @@ def test_sketch_leaves_compressed_linears() -> None:
     model = fewbit.apply(_mlp(), Compress(bits=4, layers=("linear",)), Sketch(ratio=0.5))
     assert all(isinstance(model[i], C.Linear) for i in (0, 4, 6))
     assert not any(isinstance(m, fewbit.RandomizedLinear) for m in model.modules())
+
+
+def test_applying_again_updates_the_settings() -> None:
+    model = fewbit.apply(_mlp(), Activations(bits=3), Compress(bits=4))
+    user_gelu = fewbit.GELU(bits=5)
+    model.append(user_gelu)
+    fewbit.apply(model, Activations(bits=2), Compress(bits=2))
+    assert model[1].bits == 2 and model[0].bits == 2 and model[2].bits == 2
+    assert model[5].bits == 1  # ReLU: exact 1-bit mask whatever the continuous bits
+    assert user_gelu.bits == 5  # built by the user, not by a conversion: left as it is

@@ -19,10 +19,11 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from ..codecs.bitpack import check_bits
 from ..configs import Activations
 from ..modules import activations as fa
 from ..util import map_module
-from .base import ConversionEntry, Handler, register_handler, remember
+from .base import ORIGINAL, ConversionEntry, Handler, register_handler, remember
 
 __all__ = [
     "ActivationsHandler",
@@ -165,6 +166,17 @@ def is_activation_like(module: nn.Module) -> bool:
     ) or bool(_ACTIVATION_NAME.search(cls.__name__))
 
 
+def _update_bits(module: fa.FewBitActivationModule, bits: Bits) -> None:
+    """New bits for a module an earlier conversion made (one the user built is left as is)."""
+    original = module.__dict__.get(ORIGINAL)
+    if original is None:
+        return
+    source = type(original).__name__ if isinstance(original, nn.Module) else type(module).__name__
+    width = _bits_for(source, type(module), bits)
+    if width is not None:
+        module.bits = check_bits(width)
+
+
 def convert_activations(model: nn.Module, bits: Bits = None) -> nn.Module:
     """Swap supported activation modules and function attributes of ``model`` for few-bit
     ones in place (see :func:`fewbit.convert` for ``bits``); returns the root."""
@@ -174,6 +186,7 @@ def convert_activations(model: nn.Module, bits: Bits = None) -> nn.Module:
         if not is_activation_like(module):
             _convert_function_attributes(module, bits)
         if isinstance(module, fa.FewBitActivationModule):
+            _update_bits(module, bits)
             return module
         plan = plan_for(module)
         if isinstance(plan, str):
