@@ -31,6 +31,22 @@ Non-finite input: a group that contains NaN or +-inf (or whose range overflows f
 e.g. float64 values beyond the float32 range) dequantizes to all-NaN, so the problem
 propagates to the gradient instead of being silently replaced by finite numbers. Other groups
 are unaffected.
+
+Paths (one format, interchangeable: each path dequantizes the others' output)
+------------------------------------------------------------------------------
+* CUDA, when :func:`fewbit.kernels.use_kernel` says so and the layout allows it
+  (:func:`fewbit.kernels.quantize.supports`): the Triton kernels, one pass each way; noise
+  from Philox keyed by the seed.
+* Otherwise PyTorch ops. On the CPU, tensors of at least ``_FUSED_MIN`` elements whose rows
+  are whole groups go through the fused codec (:mod:`fewbit.codecs.fused`: compiled at first
+  use, ``FEWBIT_COMPILE=0`` for eager), the rest through eager blocks of ``_CHUNK`` elements;
+  both give the same bytes. Noise: ``u = mix32((e + key) mod 2**32) / 2**24`` for element
+  ``e``, ``key`` a 32-bit hash of the seed (:func:`_uniform`); it repeats only for elements
+  2**32 apart in one tensor.
+* The seed (:func:`draw_seed`) is a one-element int64 tensor drawn on the device (or the
+  generator's device): no host sync. ``quantize``/``dequantize`` are the custom ops
+  ``fewbit::quantize``/``fewbit::dequantize`` with fake implementations, so they trace under
+  ``torch.compile`` (``fullgraph=True``) and run on meta tensors.
 """
 
 from __future__ import annotations
@@ -318,8 +334,8 @@ def _pack_pow2(codes: Tensor, bits: int) -> Tensor:
 def _unpack_pow2(b: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of :func:`_pack_pow2`: the first ``n`` codes of packed bytes ``b`` (uint8)."""
     per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.uint8, device=b.device) * bits
-    codes = (b.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    mask = (1 << bits) - 1
+    codes = torch.stack([(b >> (k * bits)) & mask for k in range(per)], dim=1)
     return codes.reshape(-1)[:n]
 
 
@@ -380,7 +396,8 @@ def _encode_flat(
 def _decode_flat(
     codes: Tensor, lo: Tensor, scale: Tensor, group_size: int, dtype: torch.dtype
 ) -> Tensor:
-    """``lo + code * scale`` of codes in groups of ``group_size`` consecutive elements."""
+    """``lo + code * scale`` of codes in groups of ``group_size`` consecutive elements
+    (bits not specialised: one compiled form per output dtype)."""
     c = codes.view(-1, group_size).float()
     v = torch.addcmul(lo.float().unsqueeze(1), c, scale.float().unsqueeze(1))
     return v.view(-1).to(dtype)
