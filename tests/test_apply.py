@@ -328,3 +328,6 @@ def test_applying_again_updates_the_settings() -> None:
     assert model[1].bits == 2 and model[0].bits == 2 and model[2].bits == 2
     assert model[5].bits == 1  # ReLU: exact 1-bit mask whatever the continuous bits
     assert user_gelu.bits == 5  # built by the user, not by a conversion: left as it is
+    sketched = fewbit.apply(_mlp(), Sketch(ratio=0.5))
+    fewbit.apply(sketched, Sketch(ratio=0.25, kind="gaussian"))
+    assert sketched[0].proj_dim_ratio == 0.25 and sketched[0].matmul == "gaussian"

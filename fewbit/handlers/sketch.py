@@ -17,7 +17,7 @@ from ..modules.compressed import CompressedLayer
 from ..modules.linear import LinearCRS, RandomizedConv1D, RandomizedLinear
 from ..util import convert_linear, map_module
 from .activations import is_hf
-from .base import Handler, register_handler, remember
+from .base import ORIGINAL, Handler, register_handler, remember
 
 __all__ = ["SketchHandler", "convert_linears", "is_conv1d"]
 
@@ -69,6 +69,12 @@ class SketchHandler(Handler):
 
     def apply(self, model: nn.Module, config: Sketch) -> nn.Module:
         kwargs = {"proj_dim_ratio": float(config.ratio), "matmul": config.kind}
+        for module in model.modules():
+            # Layers an earlier conversion made take the new settings (user-built ones stay).
+            if isinstance(module, (RandomizedLinear, RandomizedConv1D)) \
+                    and ORIGINAL in module.__dict__:
+                module.proj_dim_ratio, module.proj_dim = kwargs["proj_dim_ratio"], None
+                module.matmul = config.kind
         return convert_linears(model, kwargs, config.exclude)
 
     def owns(self, module: nn.Module) -> bool:
