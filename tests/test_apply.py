@@ -331,3 +331,26 @@ def test_applying_again_updates_the_settings() -> None:
     sketched = fewbit.apply(_mlp(), Sketch(ratio=0.5))
     fewbit.apply(sketched, Sketch(ratio=0.25, kind="gaussian"))
     assert sketched[0].proj_dim_ratio == 0.25 and sketched[0].matmul == "gaussian"
+
+
+def test_trainer_recipe(tmp_path) -> None:
+    """The recipe of fewbit/integrations/transformers.py: apply, then Trainer; the saved
+    checkpoint has the keys of the unconverted model."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_llama_config(transformers))
+    keys = set(model.state_dict())
+    fewbit.apply(model, "L2")
+    ids = torch.randint(0, 64, (8, 16))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+        use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    result = trainer.train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    trainer.save_model(str(tmp_path / "out"))
+    saved = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert set(saved.state_dict()) == keys
+    assert torch.equal(saved.lm_head.weight, model.lm_head.weight)
