@@ -89,3 +89,19 @@ def test_fp32_gelu_kernel_accurate_in_the_negative_tail() -> None:
 def test_disable_env_var_forces_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEWBIT_DISABLE_TRITON", "1")
     assert not kernels.available(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernel_path_nonfinite_gradient_matches_torch_path(dtype: torch.dtype) -> None:
+    """NaN and +-inf through the fused kernels (side store, levels, out buffer) give the
+    PyTorch path's gradient, which is torch's own at those elements."""
+    x = (torch.randn(3001) * 3).to(dtype)
+    x[[0, 7, 1500, 3000]] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0]).to(
+        dtype
+    )
+    g = torch.randn(3001).to(dtype)
+    for name in ("gelu", "relu", "tanh"):
+        _, _, g_ref = _run(name, {}, x, g)
+        with kernels.force_kernels(True):
+            _, _, gx = _run(name, {}, x, g)
+        torch.testing.assert_close(gx, g_ref, rtol=0, atol=0, equal_nan=True)
