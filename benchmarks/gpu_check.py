@@ -407,20 +407,13 @@ def section_big(ctx: Ctx) -> None:
 
 
 def _small_model(kind: str, dev: str) -> torch.nn.Module:
-    import fewbit
+    """Linear-GELU-Linear-LayerNorm converted as the bench row ``kind`` says."""
     from fewbit.bench.configs import get_config
 
     torch.manual_seed(0)
     layers: list[torch.nn.Module] = [torch.nn.Linear(256, 1024), torch.nn.GELU(),
                                      torch.nn.Linear(1024, 256), torch.nn.LayerNorm(256)]
-    model = torch.nn.Sequential(*layers)
-    if kind == "gelu3+rand20":
-        model = fewbit.convert(model, bits=3, linear=0.2)
-    elif kind == "L2":
-        model = get_config("L2").apply(model)
-    elif kind == "gelu3":
-        model = fewbit.convert(model, bits=3, linear=None)
-    return model.to(dev)
+    return get_config(kind).apply(torch.nn.Sequential(*layers)).to(dev)
 
 
 def section_sync(ctx: Ctx) -> None:
