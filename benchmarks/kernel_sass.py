@@ -10,9 +10,10 @@ Then ``cuobjdump -res-usage`` (registers, stack and local memory: spills go ther
 Instructions per element = static SASS instructions (NOP and the trailing self-branch
 excluded) x threads per program / elements per program. That is thread-instructions per
 element, comparable with an H100 SXM's budget: about 33 T thread-instructions/s against
-3.35 TB/s, i.e. about 10 instructions per byte moved. A kernel with a loop is reported per
-loop iteration (its body only, per element handled in one iteration). Static counts include
-both sides of any branch, so they bound the executed count from above.
+3.35 TB/s, i.e. about 10 instructions per byte moved. A kernel declared with a main loop
+(``Variant.loop``) is reported per loop iteration (its body only, per element handled in one
+iteration). Static counts include both sides of any branch (and slow paths such as sin/cos
+range reduction), so they bound the executed count from above.
 
 Goals (issue 12): activation forward <= 40 and backward <= 25 instructions per element
 (bf16, 3 bits); quantize <= 40 and dequantize <= 20 (2 bits); no spills.
@@ -51,6 +52,7 @@ class Variant:
     elements: Callable[[dict[str, Any]], int]  # elements per program (or per loop iteration)
     goal: Optional[float] = None  # instructions per element
     note: str = ""
+    loop: bool = False  # the kernel loops over its inner dimension: count the loop body
 
 
 @dataclass
@@ -410,10 +412,11 @@ def measure(variant: Variant, workdir: str, sass_dir: Optional[str] = None) -> R
         regs = parse_res_usage(usage)
         total, body, ops = count_sass(sass)
         res.registers, res.stack, res.local = regs.get("REG"), regs.get("STACK"), regs.get("LOCAL")
-        res.instructions, res.loop_body = total, body
+        # backward branches outside a main loop are slow paths (e.g. sin/cos range reduction)
+        res.instructions, res.loop_body = total, body if variant.loop else None
         res.threads = int(compiled.metadata.num_warps) * 32
         res.elements = variant.elements(consts)
-        counted = body if body is not None else total
+        counted = res.loop_body if res.loop_body is not None else total
         res.per_element = counted * res.threads / res.elements
         res.top_opcodes = ops.most_common(8)
         res.ok = True
