@@ -30,6 +30,10 @@ def test_list_and_argument_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--configs", "vanilla,nope"]) == 2
     assert "unknown configuration 'nope'" in capsys.readouterr().err
     assert main(["bench", "--steps", "0"]) == 2
+    assert main(["bench", "--rounds", "0"]) == 2
+    assert "--rounds must be >= 1" in capsys.readouterr().err
+    args = build_parser().parse_args(["bench", "--plot", "f.png", "--plot-memory", "m.png"])
+    assert (args.plot, args.plot_memory, args.rounds) == ("f.png", "m.png", 3)
     assert main(["bench", "--model", "no-such-model", "--configs", "vanilla"]) == 2
     assert "preset" in capsys.readouterr().err
 
