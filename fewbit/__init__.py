@@ -28,7 +28,7 @@ from . import (
 )
 from .apply import apply, unapply
 from .compress import SavedTensorCompressor, compress
-from .configs import Activations, Allocator, Checkpoint, Compress, Generic, Sketch
+from .configs import Activations, Allocator, Checkpoint, Compress, Generic, Offload, Sketch
 from .convert import ConversionReport, conversion_report, convert
 from .levels import CompressionConfig, QModule, convert_compressed, set_optimization_level
 from .modules.activations import *  # noqa: F403 - the few-bit activation classes
@@ -81,6 +81,7 @@ __all__ = [
     "Checkpoint",
     "Compress",
     "Generic",
+    "Offload",
     "Sketch",
     "ConversionReport",
     "conversion_report",

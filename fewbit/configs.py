@@ -12,6 +12,7 @@ Activations     few-bit activation derivatives (GELU/SiLU/... ``bits``, ReLU-lik
 Sketch          randomized linear layers: a ``ratio`` sketch of each linear input is saved
 Compress        ActNN-style layers: inputs of conv/linear/norm/softmax/attention quantized
 Generic         every floating saved tensor of the model's forward quantized (saved-tensor hooks)
+Offload         every saved tensor of the model's forward copied to CPU memory (exact)
 Checkpoint      checkpoint regions (model blocks) whose inputs are stored quantized
 Allocator       CUDA caching-allocator settings of ActNN's L3.1 / L5 (prototype, CUDA only)
 ==============  ================================================================================
@@ -36,6 +37,7 @@ __all__ = [
     "Compress",
     "Config",
     "Generic",
+    "Offload",
     "Sketch",
 ]
 
@@ -190,6 +192,20 @@ class Generic:
 
 
 @dataclass(frozen=True)
+class Offload:
+    """Every tensor saved during the model's forward kept in CPU memory until backward
+    (``torch.autograd.graph.save_on_cpu``): exact gradients, device memory of the saved
+    activations freed at the cost of one copy each way per tensor. ``pin_memory``: page-locked
+    host buffers (faster, asynchronous copies). Useful on CUDA only (on CPU it adds a copy);
+    a prototype until measured on a GPU. Like :class:`Generic` it runs as root forward hooks;
+    the two are alternatives (saved-tensor hooks do not nest): applying one removes the other.
+    """
+
+    pin_memory: bool = True
+    version: int = 1
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     """Activation checkpointing of the model's blocks with their inputs stored quantized
     (:func:`fewbit.checkpoint.checkpoint`).
@@ -241,4 +257,4 @@ class Allocator:
             raise ValueError(f"empty_cache_threshold must be None or in [0, 1], got {t!r}")
 
 
-Config = Union[Activations, Sketch, Compress, Generic, Checkpoint, Allocator]
+Config = Union[Activations, Sketch, Compress, Generic, Offload, Checkpoint, Allocator]

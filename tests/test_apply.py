@@ -354,3 +354,16 @@ def test_trainer_recipe(tmp_path) -> None:
     saved = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out"))
     assert set(saved.state_dict()) == keys
     assert torch.equal(saved.lm_head.weight, model.lm_head.weight)
+
+
+def test_offload_mode_is_exact_and_replaces_generic() -> None:
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 8))
+    x = torch.randn(32, 64)
+    exact = _grads(model, x)
+    fewbit.apply(model, Generic(bits=2), fewbit.Offload(pin_memory=False))
+    assert [e.kind for e in fewbit.conversion_report(model).converted] == ["offload"]
+    assert len(model._forward_pre_hooks) == 1  # one saved-tensor mode at a time
+    got = _grads(model, x)
+    assert all(torch.equal(a, b) for a, b in zip(got, exact))  # copies, not approximations
+    fewbit.unapply(model)
+    assert not model._forward_pre_hooks and not model._forward_hooks

@@ -240,5 +240,5 @@ def test_functional(name: str) -> None:
 
 def test_new_names_are_exported() -> None:
     for name in ("apply", "unapply", "Activations", "Sketch", "Compress", "Generic",
-                 "Checkpoint", "Allocator", "configs", "handlers"):
+                 "Checkpoint", "Allocator", "Offload", "configs", "handlers"):
         assert name in fewbit.__all__ and hasattr(fewbit, name)

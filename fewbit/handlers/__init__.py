@@ -7,6 +7,7 @@ Activations            :mod:`fewbit.handlers.activations`           few-bit acti
 Sketch                 :mod:`fewbit.handlers.sketch`                RandomizedLinear/Conv1D
 Compress               :mod:`fewbit.handlers.compress`              compressed layers, attention
 Generic                :mod:`fewbit.handlers.generic`               root hooks (compress mode)
+Offload                :mod:`fewbit.handlers.generic`               root hooks (save_on_cpu)
 Checkpoint             :mod:`fewbit.handlers.checkpoint`            region forwards
 Allocator              :mod:`fewbit.prototype.allocator`            root hook, allocator env
 =====================  ===========================================  ===========================

@@ -1,26 +1,39 @@
-"""The saved-tensor mode over a whole model: the :class:`Generic` handler.
+"""Saved-tensor modes over a whole model: the :class:`Generic` and :class:`Offload` handlers.
 
-A forward pre-hook on the root enters ``fewbit.compress(bits, ..., model=root)`` and a forward
-hook (``always_call=True``: also when forward raises) leaves it, so everything autograd saves
-during the model's forward is quantized (see :mod:`fewbit.compress` for what passes through).
-The hooks are instances of module-level classes, so the model still pickles and deep-copies;
-parameter names, state_dict keys and the model's class are unchanged. Applying again replaces
-the settings; undo removes the hooks.
+A forward pre-hook on the root enters the mode's context and a forward hook
+(``always_call=True``: also when forward raises) leaves it, so everything autograd saves
+during the model's forward goes through the mode: ``Generic`` enters
+``fewbit.compress(bits, ..., model=root)`` (quantized; see :mod:`fewbit.compress` for what
+passes through), ``Offload`` enters ``torch.autograd.graph.save_on_cpu`` (exact copies in CPU
+memory). The hooks are instances of module-level classes, so the model still pickles and
+deep-copies; parameter names, state_dict keys and the model's class are unchanged. Only one mode
+is active at a time (saved-tensor hooks do not nest): applying a mode replaces the current one;
+undo removes the hooks.
 """
 
 from __future__ import annotations
 
 import threading
 from contextlib import ExitStack
-from typing import Any, Dict, List
+from typing import Any, ContextManager, Dict, List, Union
 
+import torch
 from torch import nn
 
 from ..compress import compress
-from ..configs import Generic
+from ..configs import Generic, Offload
 from .base import ConversionEntry, Handler, register_handler
 
-__all__ = ["GenericEnter", "GenericHandler", "GenericLeave", "generic_settings"]
+__all__ = ["GenericEnter", "GenericHandler", "GenericLeave", "OffloadHandler", "generic_settings"]
+
+Mode = Union[Generic, Offload]
+
+
+def _context(config: Mode, module: nn.Module) -> ContextManager[Any]:
+    if isinstance(config, Offload):
+        return torch.autograd.graph.save_on_cpu(pin_memory=config.pin_memory)
+    return compress(config.bits, group_size=config.group_size, min_numel=config.min_numel,
+                    model=module, offload=config.offload)
 
 
 class GenericEnter:
@@ -28,15 +41,13 @@ class GenericEnter:
     per thread (saved-tensor hooks are thread-local; ``nn.DataParallel`` replicas share this
     hook) on a stack, so re-entrant forwards of the root nest."""
 
-    def __init__(self, config: Generic) -> None:
+    def __init__(self, config: Mode) -> None:
         self.config = config
         self.open: Dict[int, List[ExitStack]] = {}
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         stack = ExitStack()
-        c = self.config
-        stack.enter_context(compress(c.bits, group_size=c.group_size, min_numel=c.min_numel,
-                                     model=module, offload=c.offload))
+        stack.enter_context(_context(self.config, module))
         self.open.setdefault(threading.get_ident(), []).append(stack)
 
     def close_one(self) -> None:
@@ -61,27 +72,32 @@ class GenericLeave:
         self.enter.close_one()
 
 
-def generic_settings(model: nn.Module) -> List[Generic]:
-    """The :class:`Generic` configs whose hooks are on ``model`` (at most one after apply)."""
+def generic_settings(model: nn.Module) -> List[Mode]:
+    """The saved-tensor mode configs whose hooks are on ``model`` (at most one after apply)."""
     return [h.config for h in model._forward_pre_hooks.values() if isinstance(h, GenericEnter)]
 
 
-def _remove(model: nn.Module) -> None:
-    for hooks, cls in ((model._forward_pre_hooks, GenericEnter),
-                       (model._forward_hooks, GenericLeave)):
-        for key in [k for k, h in hooks.items() if isinstance(h, cls)]:
-            del hooks[key]
-            model._forward_hooks_always_called.pop(key, None)
+def _remove(model: nn.Module, kind: type) -> None:
+    """Remove the hooks of the mode configs of class ``kind`` (``object``: every mode)."""
+    enters = [k for k, h in model._forward_pre_hooks.items()
+              if isinstance(h, GenericEnter) and isinstance(h.config, kind)]
+    leaves = [k for k, h in model._forward_hooks.items()
+              if isinstance(h, GenericLeave) and isinstance(h.enter.config, kind)]
+    for key in enters:
+        del model._forward_pre_hooks[key]
+    for key in leaves:
+        del model._forward_hooks[key]
+        model._forward_hooks_always_called.pop(key, None)
 
 
 class GenericHandler(Handler):
     """:class:`fewbit.configs.Generic`: root hooks entering :func:`fewbit.compress`."""
 
-    config_type = Generic
+    config_type: Any = Generic
     kind = "generic"
 
-    def apply(self, model: nn.Module, config: Generic) -> nn.Module:
-        _remove(model)
+    def apply(self, model: nn.Module, config: Mode) -> nn.Module:
+        _remove(model, object)  # one saved-tensor mode at a time
         enter = GenericEnter(config)
         model.register_forward_pre_hook(enter)
         model.register_forward_hook(GenericLeave(enter), always_call=True)
@@ -90,15 +106,29 @@ class GenericHandler(Handler):
     def owns(self, module: nn.Module) -> bool:
         return False  # no module is replaced: the hooks are on the root
 
+    def describe_config(self, config: Any) -> str:
+        return (f"bits={config.bits}, group_size={config.group_size}, "
+                f"min_numel={config.min_numel}")
+
     def report(self, model: nn.Module) -> List[ConversionEntry]:
-        return [ConversionEntry("", type(model).__name__, "generic saved-tensor mode",
-                                f"bits={c.bits}, group_size={c.group_size}, "
-                                f"min_numel={c.min_numel}", self.kind)
-                for c in generic_settings(model)]
+        return [ConversionEntry("", type(model).__name__, f"{self.kind} saved-tensor mode",
+                                self.describe_config(c), self.kind)
+                for c in generic_settings(model) if isinstance(c, self.config_type)]
 
     def undo(self, model: nn.Module) -> nn.Module:
-        _remove(model)
+        _remove(model, self.config_type)
         return model
 
 
+class OffloadHandler(GenericHandler):
+    """:class:`fewbit.configs.Offload`: root hooks entering ``save_on_cpu`` (prototype)."""
+
+    config_type = Offload
+    kind = "offload"
+
+    def describe_config(self, config: Any) -> str:
+        return f"save_on_cpu(pin_memory={config.pin_memory})"
+
+
 register_handler(GenericHandler())
+register_handler(OffloadHandler())

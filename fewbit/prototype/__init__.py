@@ -4,8 +4,9 @@
 adaptive                    per-layer adaptive bits of levels L3-L5 (no GPU measurement yet)
 allocator                   CUDA allocator settings of levels L3.1 and L5 (CUDA only)
 LinearCRS                   column-row sampling linear (re-exported from fewbit.modules.linear)
-offload                     ``Compress(offload=True)`` / ``Generic(offload=True)``: CUDA only,
-                            implemented in :mod:`fewbit.compress` (``SavedTensorCompressor``)
+offload                     ``Compress(offload=True)`` / ``Generic(offload=True)`` (implemented
+                            in :mod:`fewbit.compress`) and the ``Offload`` config
+                            (``save_on_cpu`` per forward): useful on CUDA only, unmeasured
 GPU kernels                 :mod:`fewbit.kernels` run only on CUDA and are unmeasured there
 ==========================  ====================================================================
 
