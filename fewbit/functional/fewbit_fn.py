@@ -389,7 +389,6 @@ _SPECS: dict[str, ActivationSpec] = {}
 _OP_DERIVATIVES: dict[tuple[str, torch.dtype], tuple[float, ...]] = {}
 
 
-@torch.compiler.assume_constant_result
 def _spec_key(spec: ActivationSpec) -> str:
     """The key of a spec with a kernel name (its values name it completely), registered."""
     params = tuple(sorted((k, repr(v)) for k, v in spec.params.items()))
