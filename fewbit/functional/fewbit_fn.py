@@ -28,6 +28,7 @@ gradients are NaN (never a finite wrong value).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import math
@@ -318,7 +319,8 @@ def _poisoned_levels(lut: Tensor, overflow: Tensor) -> Tensor:
 def _grad_times_levels(
     grad: Tensor, packed: Tensor, side: Tensor, chunk: int, spec: ActivationSpec
 ) -> Tensor:
-    """grad * levels[code] into a flat buffer of n + 1 elements (the last is scratch).
+    """grad * levels[code] into a flat buffer of n + 1 elements (the last is scratch); 0
+    where the level is 0, whatever the gradient (torch's piecewise-linear backward).
 
     Multiplied in float32 (float64 for float64) and rounded once. On the PyTorch path the
     codes are unpacked and looked up ``_CHUNK`` elements at a time, so the transient memory
@@ -334,15 +336,19 @@ def _grad_times_levels(
         lut_k = torch.where(overflow.any(), math.nan, lut)
         from ..kernels.activations import activation_backward
 
-        activation_backward(flat.contiguous(), packed, lut_k, bits, out=out[:n])
+        zero_exact = 0.0 in spec.levels
+        activation_backward(flat.contiguous(), packed, lut_k, bits, out[:n], zero_exact)
         return out
     rows = _poisoned_levels(lut, overflow)
+    zero_exact = 0.0 in spec.levels
     for start, stop in _chunks(n, _CHUNK):
         row = start // chunk  # chunk (the scan's) is a multiple of _CHUNK
         part = packed[start * bits // 8 : packed_nbytes(stop, bits)]
         codes = unpack(part, bits, stop - start).int()
         levels = rows[row].index_select(0, codes)
         torch.mul(flat[start:stop], levels, out=out[start:stop])  # one rounding to out.dtype
+        if zero_exact:  # torch's piecewise-linear backward selects 0 (even for inf/NaN grads)
+            out[start:stop].masked_fill_(levels == 0, 0)
     return out
 
 
@@ -386,23 +392,31 @@ class FewBitActivation(torch.autograd.Function):
 # activation, table and bit width used under torch.compile; a few hundred bytes each).
 
 _SPECS: dict[str, ActivationSpec] = {}
-_OP_DERIVATIVES: dict[tuple[str, torch.dtype], tuple[float, ...]] = {}
 
 
 def _spec_key(spec: ActivationSpec) -> str:
-    """The key of a spec with a kernel name (its values name it completely), registered."""
+    """The key of a spec with a kernel name: its values name it completely."""
     params = tuple(sorted((k, repr(v)) for k, v in spec.params.items()))
-    key = repr((spec.kernel, params, spec.levels, spec.bits, spec.boundaries, spec.symmetric))
-    if key not in _SPECS:
-        # torch's derivative at non-finite inputs, now: the ops run below autograd
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    return repr((spec.kernel, params, spec.levels, spec.bits, spec.boundaries, spec.symmetric))
 
-        with unset_fake_temporarily():
-            for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-                values = _nonfinite_derivatives(spec, dtype, torch.device("cpu")).tolist()
-                _OP_DERIVATIVES[(key, dtype)] = tuple(values)
-        _SPECS[key] = spec
-    return key
+
+@torch.compiler.disable
+def _register(key: str, spec: ActivationSpec) -> None:
+    """Record ``spec`` under ``key`` now (not as a deferred side effect of a trace: the ops'
+    fake and real implementations look it up while tracing and at the first run)."""
+    _SPECS[key] = spec
+
+
+def _derivatives_outside_autograd(spec: ActivationSpec, dtype: torch.dtype, device) -> Tensor:  # noqa: ANN001
+    """:func:`_nonfinite_derivatives` from inside a custom op, where autograd is excluded for
+    this thread: a first computation runs in a fresh thread (once per activation, dtype and
+    device; then it is cached)."""
+    key = (_derivative_key(spec), dtype, device)
+    hit = _DERIVATIVES.get(key)
+    if hit is not None:
+        return hit
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_nonfinite_derivatives, spec, dtype, device).result()
 
 
 def _scan_chunk(x: Tensor, spec: ActivationSpec) -> int:
@@ -433,7 +447,7 @@ def _backward_op(
     spec = _SPECS[key]
     n = grad.numel()
     out = _grad_times_levels(grad, packed, side, chunk, spec)
-    derivative = table_tensor(_OP_DERIVATIVES[(key, dtype)], dtype, grad.device)
+    derivative = _derivatives_outside_autograd(spec, dtype, grad.device)
     _apply_slots(out, grad.reshape(-1), side, n, chunk, derivative)
     return out[:n].view(grad.shape).clone()
 
@@ -466,9 +480,16 @@ def apply_fewbit(x: Tensor, spec: ActivationSpec) -> Tensor:
 
     Eager: the autograd Function :class:`FewBitActivation`. While torch.compile traces, a
     spec with a kernel name goes through the custom ops ``fewbit::activation_forward`` /
-    ``fewbit::activation_backward`` (same computation, no graph break)."""
+    ``fewbit::activation_backward`` (same computation). No graph break once the spec is
+    registered, i.e. after its first call (eager or traced: a first traced call registers
+    it through one graph break)."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         return spec.forward(x)
-    if spec.kernel is not None and torch.compiler.is_compiling():
-        return _forward_op(x, _spec_key(spec))[0]
+    if spec.kernel is None:
+        return FewBitActivation.apply(x, spec)
+    key = _spec_key(spec)
+    if key not in _SPECS:  # first use of this activation/table: a graph break when tracing
+        _register(key, spec)
+    if torch.compiler.is_compiling():
+        return _forward_op(x, key)[0]
     return FewBitActivation.apply(x, spec)

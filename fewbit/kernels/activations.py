@@ -183,6 +183,7 @@ def _backward_kernel(
     BITS: tl.constexpr,
     P: tl.constexpr,
     GROUPS: tl.constexpr,
+    ZERO_EXACT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     group = pid * GROUPS + tl.arange(0, GROUPS)
@@ -195,6 +196,8 @@ def _backward_kernel(
     else:
         level = tl.load(levels_ptr + code)
     out = g_raw.to(tl.float32) * level
+    if ZERO_EXACT:  # a zero level gives 0 even for an inf/NaN gradient (torch's where)
+        out = tl.where(level == 0.0, 0.0, out)
     tl.store(out_ptr + offs, fmath.round_to(out, g_raw.dtype), mask=inside)
 
 
@@ -338,9 +341,17 @@ def activation_forward(
 
 
 def activation_backward(
-    grad: Tensor, packed: Tensor, levels: Tensor, bits: int, out: Tensor | None = None
+    grad: Tensor,
+    packed: Tensor,
+    levels: Tensor,
+    bits: int,
+    out: Tensor | None = None,
+    zero_exact: bool = False,
 ) -> Tensor:
     """``grad * levels[code]`` (float32 product, rounded to grad's dtype), codes from ``packed``.
+
+    ``zero_exact``: where the level is 0 the result is 0 even for an inf/NaN gradient (as
+    torch's piecewise-linear backward selects 0); one more instruction per element.
 
     ``levels``: 2**bits values (any float dtype; used as float32). Output: grad's shape and
     dtype, written into ``out`` when given (a contiguous tensor of grad's dtype and numel,
@@ -366,6 +377,7 @@ def activation_backward(
         groups = groups_per_program(flat)
         _backward_kernel[_grid(n, groups)](
             flat, packed.reshape(-1).contiguous(), lv, out, n, nbytes,
-            BITS=bits, P=byte_pad(bits), GROUPS=groups, num_warps=NUM_WARPS,
+            BITS=bits, P=byte_pad(bits), GROUPS=groups, ZERO_EXACT=bool(zero_exact),
+            num_warps=NUM_WARPS,
         )  # fmt: skip
     return out.view(grad.shape)

@@ -171,7 +171,7 @@ def test_compile_fullgraph_matches_eager() -> None:
     model = _Mlp(spec)
     x = torch.randn(32, 16)
     x[0, 0] = float("nan")  # reaches the activation as a NaN row
-    eager_y = model(x)
+    eager_y = model(x)  # the first call registers the spec (traced first, it is a graph break)
     eager_g = torch.autograd.grad(eager_y.nansum(), list(model.parameters()))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     y = compiled(x)
@@ -179,3 +179,25 @@ def test_compile_fullgraph_matches_eager() -> None:
     torch.testing.assert_close(y, eager_y, rtol=0, atol=0, equal_nan=True)
     for a, b in zip(g, eager_g):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kernel_path", [False, True], ids=["torch", "kernel"])
+def test_nonfinite_incoming_gradient_where_the_mask_is_zero(
+    dtype: torch.dtype, kernel_path: bool
+) -> None:
+    """ReLU-like masks: an inf/NaN incoming gradient where the derivative is 0 gives 0, as
+    torch's threshold_backward does (grad * 0 would give NaN)."""
+    pytest.importorskip("triton")
+    from fewbit import kernels
+
+    x = torch.tensor([-1.0, -2.0, 0.0, 1.0, 2.0, -3.0, 0.5, -0.5, 4.0], dtype=dtype)
+    g = torch.tensor([float("inf"), float("nan"), -float("inf"), float("nan"), float("inf"),
+                      1.0, 2.0, 3.0, 4.0], dtype=dtype)  # fmt: skip
+    for name in ("relu", "hardtanh", "relu6", "hardsigmoid", "hardshrink"):
+        xb = x.clone().requires_grad_(True)
+        (ref,) = torch.autograd.grad(getattr(F, name)(xb), xb, g)
+        xa = x.clone().requires_grad_(True)
+        with kernels.force_kernels(kernel_path):
+            (got,) = torch.autograd.grad(getattr(FB, name)(xa), xa, g)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True, msg=name)
