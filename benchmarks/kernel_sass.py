@@ -249,7 +249,8 @@ def _act_backward(dtype_name: str, bits: int) -> Callable[[Any], Any]:
         args = {"grad_ptr": _t(dtype), "packed_ptr": _t(torch.uint8),
                 "levels_ptr": _t(torch.float32), "out_ptr": _t(dtype), "n": SIZE,
                 "nbytes": SIZE * bits // 8}  # fmt: skip
-        return args, {"BITS": bits, "P": byte_pad(bits), "GROUPS": groups}, warps
+        consts = {"BITS": bits, "P": byte_pad(bits), "GROUPS": groups, "ZERO_EXACT": bits == 1}
+        return args, consts, warps  # ZERO_EXACT: masks with a zero level (relu)
 
     return build
 
