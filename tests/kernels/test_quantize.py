@@ -150,3 +150,12 @@ def test_forced_dispatch_falls_back_for_layouts_the_kernel_lacks() -> None:
         y = codec.dequantize(q)
     ref = codec.quantize(x, 2, 8, generator=torch.Generator().manual_seed(2))
     assert torch.equal(q.packed, ref.packed) and torch.equal(y, codec.dequantize(ref))
+
+
+@pytest.mark.cuda
+def test_cuda_generator_draws_the_seed_on_its_device() -> None:
+    x = torch.randn(4, 512, device="cuda")
+    a = codec.quantize(x, 2, generator=torch.Generator(device="cuda").manual_seed(1))
+    b = codec.quantize(x, 2, generator=torch.Generator(device="cuda").manual_seed(1))
+    assert torch.equal(a.packed, b.packed) and a.packed.is_cuda
+    assert torch.equal(codec.dequantize(a).cpu(), codec.dequantize(a.to("cpu")))
