@@ -115,7 +115,7 @@ def _mask_code(x, c, d, ACT: tl.constexpr):
 
 @triton.jit
 def _table_code(x, bounds_ptr, NB: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """Number of boundaries strictly below x (|x| if SYMMETRIC).
+    """Number of boundaries strictly below x (|x| if SYMMETRIC); the boundaries are sorted.
 
     NaN, as ``Table.encode``: 0 up to 4 bits (comparison count), NB above (torch.bucketize).
     """
@@ -124,7 +124,23 @@ def _table_code(x, bounds_ptr, NB: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: 
     else:
         src = x
     code = tl.zeros(x.shape, dtype=tl.int32)
-    if BITS <= 4:  # count: NB scalar loads and compares
+    if BITS == 2:  # branch-free binary search over the sorted table: 2 compares, not 3
+        hi = tl.load(bounds_ptr + 1) < src
+        mid = tl.where(hi, tl.load(bounds_ptr + 2), tl.load(bounds_ptr))
+        code = hi.to(tl.int32) * 2 + (mid < src).to(tl.int32)
+    elif BITS == 3:  # 3 compares, not 7 (NaN: every compare false, code 0 as the count)
+        b0 = tl.load(bounds_ptr)
+        b1 = tl.load(bounds_ptr + 1)
+        b2 = tl.load(bounds_ptr + 2)
+        b4 = tl.load(bounds_ptr + 4)
+        b5 = tl.load(bounds_ptr + 5)
+        b6 = tl.load(bounds_ptr + 6)
+        c2 = tl.load(bounds_ptr + 3) < src
+        c1 = tl.where(c2, b5, b1) < src
+        last = tl.where(c2, tl.where(c1, b6, b4), tl.where(c1, b2, b0))
+        c0 = last < src
+        code = c2.to(tl.int32) * 4 + c1.to(tl.int32) * 2 + c0.to(tl.int32)
+    elif BITS <= 4:  # 1 or 4 bits: count, NB scalar loads and compares
         for k in tl.static_range(NB):
             code += (tl.load(bounds_ptr + k) < src).to(tl.int32)
     else:  # binary search: BITS gathers from the (cached) boundary table
