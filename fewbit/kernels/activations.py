@@ -129,17 +129,21 @@ def _table_code(x, bounds_ptr, NB: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: 
         mid = tl.where(hi, tl.load(bounds_ptr + 2), tl.load(bounds_ptr))
         code = hi.to(tl.int32) * 2 + (mid < src).to(tl.int32)
     elif BITS == 3:  # 3 compares, not 7 (NaN: every compare false, code 0 as the count)
-        b0 = tl.load(bounds_ptr)
-        b1 = tl.load(bounds_ptr + 1)
-        b2 = tl.load(bounds_ptr + 2)
-        b4 = tl.load(bounds_ptr + 4)
-        b5 = tl.load(bounds_ptr + 5)
-        b6 = tl.load(bounds_ptr + 6)
-        c2 = tl.load(bounds_ptr + 3) < src
-        c1 = tl.where(c2, b5, b1) < src
-        last = tl.where(c2, tl.where(c1, b6, b4), tl.where(c1, b2, b0))
-        c0 = last < src
-        code = c2.to(tl.int32) * 4 + c1.to(tl.int32) * 2 + c0.to(tl.int32)
+        # bounds chosen by bit masks (integer ops), so no predicate stays live
+        b0 = tl.load(bounds_ptr).to(tl.int32, bitcast=True)
+        b1 = tl.load(bounds_ptr + 1).to(tl.int32, bitcast=True)
+        b2 = tl.load(bounds_ptr + 2).to(tl.int32, bitcast=True)
+        b4 = tl.load(bounds_ptr + 4).to(tl.int32, bitcast=True)
+        b5 = tl.load(bounds_ptr + 5).to(tl.int32, bitcast=True)
+        b6 = tl.load(bounds_ptr + 6).to(tl.int32, bitcast=True)
+        m2 = -((tl.load(bounds_ptr + 3) < src).to(tl.int32))
+        mid = b1 ^ (m2 & (b1 ^ b5))
+        m1 = -((mid.to(tl.float32, bitcast=True) < src).to(tl.int32))
+        lo = b0 ^ (m2 & (b0 ^ b4))
+        hi = b2 ^ (m2 & (b2 ^ b6))
+        last = lo ^ (m1 & (lo ^ hi))
+        c0 = (last.to(tl.float32, bitcast=True) < src).to(tl.int32)
+        code = (m2 & 4) | (m1 & 2) | c0
     elif BITS <= 4:  # 1 or 4 bits: count, NB scalar loads and compares
         for k in tl.static_range(NB):
             code += (tl.load(bounds_ptr + k) < src).to(tl.int32)
