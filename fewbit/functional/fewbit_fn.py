@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from .. import kernels
+from ..codecs import native
 from ..codecs.bitpack import pack, packed_nbytes, unpack
 from ..codecs.marks import mark_compact
 
@@ -191,20 +192,27 @@ def nonfinite_slots(flat: Tensor, chunk: int) -> Tensor:
     """
     slots, counts = [], []
     for start, stop in _chunks(flat.numel(), chunk):
-        part = flat[start:stop]
-        # x - x is 0 for finite x and NaN otherwise; torch.nonzero_static and count_nonzero
-        # take it directly (on a bool mask, the CPU kernels make an int64 copy)
-        bad = part - part
-        counts.append(torch.count_nonzero(bad).reshape(1))
-        index = torch.nonzero_static(bad, size=_slots_of(stop - start), fill_value=-1)
-        index = index.reshape(-1)
-        value = part[index.clamp_min(0)]
-        cls = torch.where(value > 0, _PLUS_INF, _MINUS_INF)
-        cls = torch.where(value != value, _NAN, cls)
-        slots.append(torch.where(index >= 0, (index + start) * 4 + cls, -1))
+        chunk_slots, count = _chunk_slots(flat, start, stop)
+        slots.append(chunk_slots)
+        counts.append(count)
     if not slots:
         return torch.empty(0, dtype=torch.int64, device=flat.device)
     return torch.cat(slots + counts)
+
+
+def _chunk_slots(flat: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    """(slots, count of non-finite values as a 1-element int64 tensor) of flat[start:stop]."""
+    part = flat[start:stop]
+    # x - x is 0 for finite x and NaN otherwise; torch.nonzero_static and count_nonzero
+    # take it directly (on a bool mask, the CPU kernels make an int64 copy)
+    bad = part - part
+    count = torch.count_nonzero(bad).reshape(1)
+    index = torch.nonzero_static(bad, size=_slots_of(stop - start), fill_value=-1)
+    index = index.reshape(-1)
+    value = part[index.clamp_min(0)]
+    cls = torch.where(value > 0, _PLUS_INF, _MINUS_INF)
+    cls = torch.where(value != value, _NAN, cls)
+    return torch.where(index >= 0, (index + start) * 4 + cls, -1), count
 
 
 def _split_side(side: Tensor, n: int, chunk: int) -> tuple[Tensor, Tensor]:
@@ -307,7 +315,137 @@ def _forward_and_pack(x: Tensor, spec: ActivationSpec) -> tuple[Tensor, Tensor, 
         chunk = _KERNEL_SCAN_CHUNK
         return y, packed, nonfinite_slots(x.reshape(-1), chunk), chunk
     flat = x.reshape(-1)
-    return spec.forward(x), _encode_and_pack(flat, spec), nonfinite_slots(flat, _CHUNK), _CHUNK
+    y = spec.forward(x)
+    fast = _native_encode_and_scan(flat, spec)
+    if fast is not None:
+        return y, fast[0], fast[1], _CHUNK
+    return y, _encode_and_pack(flat, spec), nonfinite_slots(flat, _CHUNK), _CHUNK
+
+
+# --- native CPU passes (fewbit.codecs.native): same bytes as the torch-op passes ---------------
+#
+# Floats are compared by order keys of their bit patterns: the signed magnitude of the
+# pattern (an int, +0 and -0 both 0), monotone in the value for every non-NaN float, so
+# comparing keys is comparing values exactly, without any conversion.
+
+# dtype -> (bits of the pattern, int dtype of the same size, pattern of +inf)
+_NATIVE_FORMATS = {
+    torch.float16: (16, torch.int16, 0x7C00),
+    torch.bfloat16: (16, torch.int16, 0x7F80),
+    torch.float32: (32, torch.int32, 0x7F800000),
+    torch.float64: (64, torch.int64, 0x7FF0000000000000),
+}
+_NATIVE_DECODE = {
+    torch.float32: "fewbit_decode_mul_f32",
+    torch.float64: "fewbit_decode_mul_f64",
+    torch.bfloat16: "fewbit_decode_mul_bf16",
+    torch.float16: "fewbit_decode_mul_f16",
+}
+# Boundary tables longer than this are encoded with torch.bucketize on the torch path (NaN
+# counts as above every boundary); shorter ones with comparisons (NaN is above none).
+_MAX_COMPARED = 15
+
+
+@functools.lru_cache(maxsize=512)
+def _boundary_keys(values: tuple[float, ...], dtype: torch.dtype) -> Tensor:
+    """Order keys of ``values`` rounded to ``dtype`` (as the torch path rounds them): int32
+    (int64 for float64) on the CPU, made once per (values, dtype)."""
+    width, int_dtype, _ = _NATIVE_FORMATS[dtype]
+    patterns = table_tensor(values, dtype, torch.device("cpu")).view(int_dtype).tolist()
+    sign, mask = 1 << (width - 1), (1 << (width - 1)) - 1
+    keys = [-(p & mask) if (p % (1 << width)) & sign else p & mask for p in patterns]
+    return torch.tensor(keys, dtype=torch.int64 if width == 64 else torch.int32)
+
+
+def _native_ok(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in _NATIVE_FORMATS and t.is_contiguous()
+
+
+def _native_encode_and_scan(flat: Tensor, spec: ActivationSpec) -> Optional[tuple[Tensor, Tensor]]:
+    """(packed codes, non-finite side store) of 1-D CPU ``flat`` in one native pass, the same
+    bytes as ``_encode_and_pack`` and ``nonfinite_slots(flat, _CHUNK)``; None when the native
+    library is unavailable or does not apply (then the caller runs the torch path).
+
+    The pass also counts each chunk's non-finite values; only chunks that hold some run the
+    torch slot scan (a host read of the counts is free on the CPU)."""
+    if spec.boundaries is None or not _native_ok(flat) or torch.compiler.is_compiling():
+        return None
+    lib = native.library()
+    if lib is None:
+        return None
+    n, bits = flat.numel(), spec.bits
+    width, _, inf_bits = _NATIVE_FORMATS[flat.dtype]
+    keys = _boundary_keys(tuple(spec.boundaries), flat.dtype)
+    nb = keys.numel()
+    nan_code = nb if nb > _MAX_COMPARED else 0
+    parts = _chunks(n, _CHUNK)
+    packed = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8)
+    counts = torch.zeros(len(parts), dtype=torch.int64)
+    encode = getattr(lib, f"fewbit_encode_pack_{width}")
+    bad = encode(
+        flat.data_ptr(),
+        n,
+        inf_bits,
+        int(spec.symmetric),
+        keys.data_ptr(),
+        nb,
+        nan_code,
+        bits,
+        packed.data_ptr(),
+        _CHUNK,
+        counts.data_ptr(),
+    )
+    slots = [torch.full((_slots_of(stop - start),), -1, dtype=torch.int64) for start, stop in parts]
+    if bad:
+        for i, (start, stop) in enumerate(parts):
+            if counts[i].item():
+                slots[i] = _chunk_slots(flat, start, stop)[0]
+    return packed, torch.cat(slots + [counts]) if parts else counts
+
+
+def _native_grad_times_levels(
+    flat: Tensor,
+    packed: Tensor,
+    overflow: Tensor,
+    chunk: int,
+    lut: Tensor,
+    spec: ActivationSpec,
+    out: Tensor,
+) -> bool:
+    """out[:n] = grad * levels[code] (NaN levels in overflowed chunks, 0 where the level is 0)
+    in one native pass; False (nothing written) when the native library does not apply."""
+    if not (_native_ok(flat) and packed.is_contiguous()) or torch.compiler.is_compiling():
+        return False
+    lib = native.library()
+    if lib is None:
+        return False
+    decode = getattr(lib, _NATIVE_DECODE[flat.dtype])
+    n, bits = flat.numel(), spec.bits
+    zero_exact = int(0.0 in spec.levels)
+    poisoned = overflow.tolist()
+    nan_lut = torch.full_like(lut, math.nan)
+    ranges = (
+        [(0, n, lut)]
+        if not any(poisoned)
+        else [
+            (start, stop, nan_lut if poisoned[i] else lut)
+            for i, (start, stop) in enumerate(_chunks(n, chunk))
+        ]
+    )
+    gp, op, size = flat.data_ptr(), out.data_ptr(), flat.element_size()
+    for start, stop, table in ranges:
+        decode(
+            packed.data_ptr(),
+            n,
+            bits,
+            gp + start * size,
+            op + start * size,
+            start,
+            stop,
+            table.data_ptr(),
+            zero_exact,
+        )
+    return True
 
 
 def _poisoned_levels(lut: Tensor, overflow: Tensor) -> Tensor:
@@ -339,8 +477,10 @@ def _grad_times_levels(
         zero_exact = 0.0 in spec.levels
         activation_backward(flat.contiguous(), packed, lut_k, bits, out[:n], zero_exact)
         return out
-    rows = _poisoned_levels(lut, overflow)
     zero_exact = 0.0 in spec.levels
+    if _native_grad_times_levels(flat, packed, overflow, chunk, lut, spec, out):
+        return out
+    rows = _poisoned_levels(lut, overflow)
     for start, stop in _chunks(n, _CHUNK):
         row = start // chunk  # chunk (the scan's) is a multiple of _CHUNK
         part = packed[start * bits // 8 : packed_nbytes(stop, bits)]

@@ -1,0 +1,135 @@
+"""Native CPU codecs: a small C file compiled at first use, called through ctypes.
+
+``csrc/fewbit_codecs.c`` (plain C, no torch headers) makes one pass per direction for the
+few-bit activations: encode + pack + per-chunk count of non-finite inputs, and unpack + level
+lookup + multiply. Results are byte-identical to the eager torch path (tests compare them).
+
+Build: at the first call that needs it, ``cc -O3 -fPIC -shared`` (compiler from ``$CC``, else
+``cc``) writes ``fewbit_codecs-<hash>.so`` into a per-user cache directory
+(``$FEWBIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fewbit``, else ``~/.cache/fewbit``), keyed by
+the hash of the source and flags, so later processes only load it. Compiling takes well
+under a second; nothing compiles at install or import time.
+
+Eager instead of native (callers check :func:`library`, which returns ``None``):
+
+* ``FEWBIT_COMPILE=0`` or ``FEWBIT_NATIVE=0`` in the environment (read at every call);
+* no C compiler, or a failed compile or load: one ``RuntimeWarning``, then ``None`` for the
+  rest of the process (results stay identical, only slower).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["library", "native_enabled", "SOURCE"]
+
+SOURCE = Path(__file__).with_name("csrc") / "fewbit_codecs.c"
+_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c99", "-ffp-contract=off", "-fno-math-errno")
+# Compiler used when $CC is unset (tests point it at a missing program to check the fallback).
+COMPILER = "cc"
+
+_i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    # x, n, inf_bits, symmetric, bkeys, nb, nan_code, bits, out, chunk, counts -> non-finite
+    "fewbit_encode_pack_16": (
+        [_ptr, _i64, ctypes.c_uint16, _i32, _ptr, _i32, _i32, _i32, _ptr, _i64, _ptr],
+        _i64,
+    ),
+    "fewbit_encode_pack_32": (
+        [_ptr, _i64, ctypes.c_uint32, _i32, _ptr, _i32, _i32, _i32, _ptr, _i64, _ptr],
+        _i64,
+    ),
+    "fewbit_encode_pack_64": (
+        [_ptr, _i64, ctypes.c_uint64, _i32, _ptr, _i32, _i32, _i32, _ptr, _i64, _ptr],
+        _i64,
+    ),
+}
+for _name in ("f32", "f64", "bf16", "f16"):
+    # packed, n, bits, grad, out, start, stop, lut, zero_exact
+    _SIGNATURES[f"fewbit_decode_mul_{_name}"] = (
+        [_ptr, _i64, _i32, _ptr, _ptr, _i64, _i64, _ptr, _i32],
+        None,
+    )
+
+
+def native_enabled() -> bool:
+    """False when ``FEWBIT_COMPILE=0`` or ``FEWBIT_NATIVE=0`` (then the eager path runs)."""
+    return (
+        os.environ.get("FEWBIT_COMPILE", "1") != "0" and os.environ.get("FEWBIT_NATIVE", "1") != "0"
+    )
+
+
+def _cache_dir() -> Path:
+    explicit = os.environ.get("FEWBIT_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fewbit"
+
+
+def _build(compiler: str) -> Path:
+    """Compile the source into the cache (once per source hash) and return the .so path."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"fewbit_codecs-{key}.so"
+    if target.exists():
+        return target
+    exe = shutil.which(compiler)
+    if exe is None:
+        raise FileNotFoundError(f"C compiler {compiler!r} not found")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [exe, *_FLAGS, str(SOURCE), "-o", tmp],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        os.replace(tmp, target)  # atomic: concurrent processes see a whole file or none
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(f"{compiler} failed: {err.stderr.strip()[:500]}") from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> Optional[ctypes.CDLL]:
+    """The loaded library, or None after one warning (cached for the process; tests clear it
+    with ``_load.cache_clear()``)."""
+    compiler = os.environ.get("CC") or COMPILER
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+        for name, (args, res) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+        return lib
+    except Exception as err:  # no compiler, failed compile or load: eager from now on
+        warnings.warn(
+            f"fewbit: building the native CPU codecs failed ({type(err).__name__}: {err}); "
+            "using the eager PyTorch codecs (same results, slower). Set FEWBIT_COMPILE=0 to "
+            "skip compiling.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The native codec library, built at first use; None when disabled or unavailable."""
+    if not native_enabled():
+        return None
+    return _load()

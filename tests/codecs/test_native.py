@@ -1,0 +1,204 @@
+"""Native CPU codecs (fewbit.codecs.native): the same bytes and gradients as the eager torch
+path for every bit width and dtype, and a clean fallback without a C compiler."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import fewbit.functional as FB
+import fewbit.functional.fewbit_fn as fn
+from fewbit.codecs import native
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+N = 1001  # not a multiple of 8: the last packed byte is partial for every odd bit width
+CHUNK = 64  # several chunks (scan and encode) per tensor
+
+
+@pytest.fixture(autouse=True)
+def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fn, "_CHUNK", CHUNK)
+    monkeypatch.delenv("FEWBIT_COMPILE", raising=False)
+    monkeypatch.delenv("FEWBIT_NATIVE", raising=False)
+
+
+def _needs_library() -> None:
+    if native.library() is None:
+        pytest.skip("no C compiler: the native codecs are unavailable (fallback tested below)")
+
+
+def _spec(bits: int, symmetric: bool, short: bool, zero_level: bool) -> fn.ActivationSpec:
+    """A boundary table: 2**bits - 1 boundaries (more than 15 from 5 bits: the bucketize path
+    of the eager encoder), or 3 (``short``); levels with or without a zero level."""
+    gen = torch.Generator().manual_seed(bits * 4 + 2 * symmetric + short)
+    count = 3 if short else 2**bits - 1
+    if bits == 1:
+        count = 1
+    points = torch.randn(count, generator=gen, dtype=torch.float64) * 2
+    if symmetric:
+        points = points.abs()
+    bounds = tuple(sorted(set(points.tolist())))
+    levels = (torch.rand(2**bits, generator=gen, dtype=torch.float64) * 1.5).tolist()
+    if zero_level:
+        levels[0] = 0.0
+    return fn.ActivationSpec(
+        forward=F.gelu,
+        encode=lambda x: x,  # unused: boundary tables encode through fn._encode
+        levels=tuple(levels),
+        bits=bits,
+        boundaries=bounds,
+        symmetric=symmetric,
+    )
+
+
+def _special(dtype: torch.dtype, spec: fn.ActivationSpec) -> Tensor:
+    """Random values plus NaN (both signs), +-inf, +-0, subnormals, the rounded boundaries,
+    their negatives and their neighbours in dtype (at most N/2 of those), at scattered
+    positions."""
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(N, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    info = torch.finfo(dtype)
+    bounds = fn.table_tensor(tuple(spec.boundaries), dtype, torch.device("cpu"))
+    inf = torch.tensor([math.inf], dtype=dtype)
+    near = torch.cat([torch.nextafter(bounds, inf), torch.nextafter(bounds, -inf)])
+    extra = [math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, info.tiny, -info.tiny]
+    edges = torch.cat([bounds, -bounds, near])
+    edges = edges[torch.randperm(edges.numel(), generator=gen)[: N // 2]]  # 8 bits: 1020 edges
+    tiny = [info.smallest_normal / 4, -info.smallest_normal / 8]
+    values = torch.cat([torch.tensor(extra + tiny, dtype=dtype), edges])
+    where = torch.randperm(N, generator=gen)[: values.numel()]
+    x[where] = values
+    return x
+
+
+def _eager(monkeypatch: pytest.MonkeyPatch, fn_call):  # noqa: ANN001, ANN202
+    with monkeypatch.context() as m:
+        m.setenv("FEWBIT_NATIVE", "0")
+        return fn_call()
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Bitwise equal, except that any NaN matches any NaN (payloads differ between torch's
+    own scalar and vector conversions)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(nan_a, nan_b):
+        return False
+    int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a[~nan_a].view(int_dtype), b[~nan_b].view(int_dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("symmetric", [False, True], ids=["plain", "symmetric"])
+def test_encode_and_scan_bytes_match_eager(
+    bits: int, dtype: torch.dtype, symmetric: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _needs_library()
+    for short in [False, True] if bits >= 5 else [False]:
+        spec = _spec(bits, symmetric, short, zero_level=True)
+        x = _special(dtype, spec)
+        got = fn._native_encode_and_scan(x, spec)
+        assert got is not None
+        packed, side = got
+        want_packed = _eager(monkeypatch, lambda x=x, spec=spec: fn._encode_and_pack(x, spec))
+        want_side = fn.nonfinite_slots(x, CHUNK)
+        assert torch.equal(packed, want_packed), (bits, dtype, symmetric, short)
+        assert torch.equal(side, want_side), (bits, dtype, symmetric, short)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("zero_level", [True, False], ids=["zero", "nozero"])
+def test_backward_matches_eager(
+    bits: int, dtype: torch.dtype, zero_level: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grad * levels[code] bit for bit (NaN as NaN), with NaN/inf/huge incoming gradients
+    (fp16 overflow after the multiply) and one chunk whose slots overflow (NaN levels)."""
+    _needs_library()
+    spec = _spec(bits, False, False, zero_level)
+    x = _special(dtype, spec)
+    x[CHUNK * 3 : CHUNK * 3 + 20] = math.nan  # 20 > 8 slots of a 64-element chunk
+    gen = torch.Generator().manual_seed(bits)
+    grad = (torch.randn(N, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    grad[::97] = torch.finfo(dtype).max
+    grad[5::89] = math.inf
+    grad[7::83] = math.nan
+    packed, side = fn._native_encode_and_scan(x, spec)  # type: ignore[misc]
+    got = fn._grad_times_levels(grad, packed, side, CHUNK, spec)
+    want = _eager(monkeypatch, lambda: fn._grad_times_levels(grad, packed, side, CHUNK, spec))
+    assert _same_bits(got[:N], want[:N]), (bits, dtype)
+    assert torch.isnan(got[CHUNK * 3 : CHUNK * 4]).all()  # overflowed chunk: never finite
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_activation_end_to_end_matches_eager(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _needs_library()
+    x = torch.randn(3, N, dtype=dtype)
+    x[0, 5], x[1, 9], x[2, 11] = math.nan, math.inf, -math.inf
+    g = torch.randn(3, N, dtype=dtype)
+
+    def run() -> tuple[Tensor, Tensor]:
+        leaf = x.clone().requires_grad_(True)
+        y = FB.gelu(leaf, bits=3)
+        (gx,) = torch.autograd.grad(y, leaf, g)
+        return y, gx
+
+    y, gx = run()
+    y0, gx0 = _eager(monkeypatch, run)
+    assert _same_bits(y, y0) and _same_bits(gx, gx0)
+
+
+def test_missing_compiler_warns_once_and_falls_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:  # noqa: ANN001
+    spec = _spec(3, False, False, zero_level=True)
+    x = _special(torch.float32, spec)
+    want = _eager(monkeypatch, lambda: fn._encode_and_pack(x, spec))
+    monkeypatch.setenv("FEWBIT_CACHE_DIR", str(tmp_path))  # no cached library to load
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(native, "COMPILER", "fewbit-no-such-compiler")
+    native._load.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert native.library() is None
+            assert fn._native_encode_and_scan(x, spec) is None
+            leaf = x.clone().requires_grad_(True)
+            y = FB.gelu(leaf, bits=3)
+            y.backward(torch.ones_like(y))
+        runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(runtime) == 1 and "native CPU codecs" in str(runtime[0].message)
+        assert torch.equal(fn._forward_and_pack(x, spec)[1], want)
+    finally:
+        native._load.cache_clear()  # later tests build (or load) the real library again
+
+
+@pytest.mark.parametrize("variable", ["FEWBIT_COMPILE", "FEWBIT_NATIVE"])
+def test_environment_forces_eager(variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _spec(3, False, False, zero_level=True)
+    x = _special(torch.float32, spec)
+    monkeypatch.setenv(variable, "0")
+    assert native.library() is None
+    assert fn._native_encode_and_scan(x, spec) is None
+    out = torch.empty(N + 1)
+    overflow = torch.zeros(N // CHUNK + 1, dtype=torch.bool)
+    lut = torch.ones(8)
+    assert not fn._native_grad_times_levels(
+        x, torch.zeros(400, dtype=torch.uint8), overflow, CHUNK, lut, spec, out
+    )
+
+
+def test_non_contiguous_and_other_dtypes_take_the_eager_path() -> None:
+    spec = _spec(3, False, False, zero_level=True)
+    x = torch.randn(64, 2)[:, 0]
+    assert fn._native_encode_and_scan(x, spec) is None
+    assert fn._native_encode_and_scan(torch.randn(64).to(torch.complex64), spec) is None
