@@ -70,7 +70,7 @@ def _forward_value(x, a, b, c, ACT: tl.constexpr, PRECISE: tl.constexpr, DTYPE: 
     elif ACT == 10:  # elu family, a = scale, b = alpha * scale, c = input scale
         y = tl.where(x <= 0.0, fmath.expm1(tl.minimum(x, 0.0) * c, PRECISE) * b, x * a)
     elif ACT == 11:  # gelu
-        y = x * 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+        y = x * 0.5 * (1.0 + fmath.erf(x * 0.7071067811865476, PRECISE))
     elif ACT == 12:  # gelu_tanh
         inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
         y = 0.5 * x * (1.0 + fmath.tanh(inner, PRECISE))
