@@ -30,7 +30,16 @@ from torch import Tensor
 from ..approx import Table, get_table, normalize_params
 from ..approx.registry import ACTIVATIONS, Activation
 from ..codecs.bitpack import check_bits
-from .fewbit_fn import ActivationSpec, apply_fewbit, check_floating, private_autograd
+from .fewbit_fn import (
+    _SPECS,
+    ActivationSpec,
+    _forward_op,
+    _register,
+    _spec_key,
+    apply_fewbit,
+    check_floating,
+    private_autograd,
+)
 
 __all__ = [
     "activation",
@@ -111,6 +120,24 @@ def apply_activation(
     if not (torch.is_grad_enabled() and input.requires_grad):
         return entry.forward(input, params)  # nothing to save: exactly torch's op, no extra work
     input = _autocast_input(input, entry, params)
+    width = entry.default_bits if bits is None else bits
+    if torch.compiler.is_compiling() and entry.variant(params).kernel is not None:
+        # resolved outside the trace (tables, spec registration): no file I/O, no graph break
+        table_items = None if custom is None else _table_items(custom)
+        key = _traced_spec_key(entry.name, tuple(params.items()), width, table_items)
+        return _forward_op(input, key)[0]
+    return apply_fewbit(input, _make_spec(entry, params, width, custom))
+
+
+def _table_items(table: Table) -> tuple[tuple[float, ...], tuple[float, ...], bool]:
+    return (tuple(table.boundaries), tuple(table.levels), bool(table.symmetric))
+
+
+def _make_spec(
+    entry: Activation, params: Mapping[str, Any], width: int, custom: Optional[Table]
+) -> ActivationSpec:
+    """The spec of ``entry`` with torch's arguments ``params`` (validated, defaults filled in):
+    its mask, or ``custom`` / the optimal ``width``-bit table (loaded or built on first use)."""
     variant = entry.variant(params)
     kernel = variant.name if variant.kernel is not None else None
     numeric = entry.float_params(params)
@@ -120,16 +147,14 @@ def apply_activation(
 
     if entry.mask is not None:
         mask = entry.mask
-        spec = ActivationSpec(
+        return ActivationSpec(
             forward, lambda x: mask.inside(x, numeric), mask.levels(numeric), 1, kernel, numeric
         )
-        return apply_fewbit(input, spec)
-    width = entry.default_bits if bits is None else bits
     chosen = custom
     if chosen is None:
         with private_autograd():  # a first use of new parameters builds a table
             chosen = get_table(variant.name, width, numeric)
-    spec = ActivationSpec(
+    return ActivationSpec(
         forward,
         chosen.encode,
         chosen.levels,
@@ -139,7 +164,29 @@ def apply_activation(
         boundaries=chosen.boundaries,
         symmetric=chosen.symmetric,
     )
-    return apply_fewbit(input, spec)
+
+
+@torch.compiler.assume_constant_result
+def _traced_spec_key(
+    name: str,
+    params: tuple[tuple[str, Any], ...],
+    width: int,
+    table: Optional[tuple[tuple[float, ...], tuple[float, ...], bool]],
+) -> str:
+    """The custom ops' key of an activation's spec, for torch.compile.
+
+    Dynamo calls this for real while tracing and keeps the returned string as a constant of
+    the graph (it is a function of the constant arguments only), so the table lookup (a file
+    read at first use, or an optimisation for new parameters) and the spec registration run
+    outside the traced code: no graph break, nothing of it in the graph. Costs the same as an
+    eager call's lookup, once per trace.
+    """
+    custom = None if table is None else Table(*table)
+    spec = _make_spec(ACTIVATIONS[name], dict(params), width, custom)
+    key = _spec_key(spec)
+    if key not in _SPECS:
+        _register(key, spec)
+    return key
 
 
 def _is_integer(t: Tensor) -> bool:

@@ -53,8 +53,6 @@ def check_forward_exact(out: Tensor, ref: Tensor) -> None:
 
 COMPILE_DEFAULT_XFAIL: Dict[str, str] = {}
 FULLGRAPH_XFAIL = {
-    "gelu3": "graph break at the first traced call: the derivative table is loaded inside the "
-             "trace (approx/store.py get_table -> os.stat), item 2",
     **{lvl: "graph break: CompressedLayer._compressed_training is torch.compiler.disable'd "
             "(item 2)"
        for lvl in R.LEVEL_ROWS},
