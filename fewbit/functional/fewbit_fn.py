@@ -382,19 +382,25 @@ def _native_encode_and_scan(flat: Tensor, spec: ActivationSpec) -> Optional[tupl
     packed = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8)
     counts = torch.zeros(len(parts), dtype=torch.int64)
     encode = getattr(lib, f"fewbit_encode_pack_{width}")
-    bad = encode(
-        flat.data_ptr(),
-        n,
-        inf_bits,
-        int(spec.symmetric),
-        keys.data_ptr(),
-        nb,
-        nan_code,
-        bits,
-        packed.data_ptr(),
-        _CHUNK,
-        counts.data_ptr(),
-    )
+    size = flat.element_size()
+
+    def run(first: int, last: int) -> int:  # chunks [first, last): disjoint outputs
+        start, stop = parts[first][0], parts[last - 1][1]
+        return encode(
+            flat.data_ptr() + start * size,
+            stop - start,
+            inf_bits,
+            int(spec.symmetric),
+            keys.data_ptr(),
+            nb,
+            nan_code,
+            bits,
+            packed.data_ptr() + start * bits // 8,  # chunks start on byte boundaries
+            _CHUNK,
+            counts.data_ptr() + first * 8,
+        )
+
+    bad = sum(_in_threads(run, _split(len(parts), n)))
     slots = [torch.full((_slots_of(stop - start),), -1, dtype=torch.int64) for start, stop in parts]
     if bad:
         for i, (start, stop) in enumerate(parts):
@@ -424,28 +430,54 @@ def _native_grad_times_levels(
     zero_exact = int(0.0 in spec.levels)
     poisoned = overflow.tolist()
     nan_lut = torch.full_like(lut, math.nan)
-    ranges = (
-        [(0, n, lut)]
-        if not any(poisoned)
-        else [
-            (start, stop, nan_lut if poisoned[i] else lut)
-            for i, (start, stop) in enumerate(_chunks(n, chunk))
-        ]
-    )
+    scan = _chunks(n, chunk)
     gp, op, size = flat.data_ptr(), out.data_ptr(), flat.element_size()
-    for start, stop, table in ranges:
-        decode(
-            packed.data_ptr(),
-            n,
-            bits,
-            gp + start * size,
-            op + start * size,
-            start,
-            stop,
-            table.data_ptr(),
-            zero_exact,
-        )
+
+    def run(first: int, last: int) -> None:  # scan chunks [first, last), split by level table
+        lo = first
+        while lo < last:
+            hi = lo + 1
+            while hi < last and poisoned[hi] == poisoned[lo]:
+                hi += 1
+            start, stop = scan[lo][0], scan[hi - 1][1]
+            table = nan_lut if poisoned[lo] else lut
+            decode(
+                packed.data_ptr(),
+                n,
+                bits,
+                gp + start * size,
+                op + start * size,
+                start,
+                stop,
+                table.data_ptr(),
+                zero_exact,
+            )
+            lo = hi
+
+    _in_threads(run, _split(len(scan), n))
     return True
+
+
+# Elements per worker thread below which a native pass runs in one thread.
+_PER_THREAD = 1 << 20
+
+
+def _split(chunks: int, n: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of chunk indices, one per worker: up to torch.get_num_threads()
+    workers, each with at least ``_PER_THREAD`` elements."""
+    workers = max(1, min(torch.get_num_threads(), n // _PER_THREAD, chunks))
+    bounds = [chunks * w // workers for w in range(workers + 1)]
+    return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+def _in_threads(run: Callable[[int, int], object], ranges: list[tuple[int, int]]) -> list:
+    """``run(*r)`` for every range, in parallel threads when there are several (the native
+    calls release the GIL; ranges write disjoint outputs, so results do not depend on the
+    thread count). A pool lives for one call only."""
+    if len(ranges) <= 1:
+        return [run(*r) for r in ranges]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(ranges)) as pool:
+        return list(pool.map(lambda r: run(*r), ranges))
 
 
 def _poisoned_levels(lut: Tensor, overflow: Tensor) -> Tensor:

@@ -20,9 +20,12 @@ N = 1001  # not a multiple of 8: the last packed byte is partial for every odd b
 CHUNK = 64  # several chunks (scan and encode) per tensor
 
 
-@pytest.fixture(autouse=True)
-def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, params=[1, 3], ids=["1thread", "3threads"])
+def _small_chunks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small chunks; one worker, or three (ranges of chunks in parallel threads)."""
     monkeypatch.setattr(fn, "_CHUNK", CHUNK)
+    monkeypatch.setattr(fn, "_PER_THREAD", 128)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: request.param)
     monkeypatch.delenv("FEWBIT_COMPILE", raising=False)
     monkeypatch.delenv("FEWBIT_NATIVE", raising=False)
 
