@@ -79,6 +79,17 @@ def _uniform(seed, elem, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def _uniform_rows(seed, base, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """:func:`_uniform` of elements ``base[r] + [0, COLS)`` (``base``: int64 [ROWS], multiples
+    of 4): the Philox counters come from ``base`` directly, with no reduction."""
+    counter = tl.reshape(base[:, None] // 4 + tl.arange(0, COLS // 4)[None, :], (ROWS * COLS // 4,))
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    lo = tl.join(uint_to_uniform_float(r0), uint_to_uniform_float(r1))
+    hi = tl.join(uint_to_uniform_float(r2), uint_to_uniform_float(r3))
+    return tl.reshape(tl.join(lo, hi), (ROWS, COLS))
+
+
+@triton.jit
 def _noise_kernel(seed_ptr, out_ptr, start, n, BLOCK: tl.constexpr):
     """Noise of elements ``start + [0, n)`` (``start`` a multiple of 4), for tests."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -110,11 +121,14 @@ def _quantize_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     gi, elem, valid = _tile(pid, n_groups, groups_per_row, row_len, G, NG, GP)
+    row = gi // groups_per_row
+    col0 = (gi % groups_per_row) * G
     x = tl.load(x_ptr + elem, mask=valid, other=0.0).to(tl.float32)
     levels: tl.constexpr = (1 << BITS) - 1
     mn = tl.min(tl.where(valid, x, float("inf")), axis=1)
     mx = tl.max(tl.where(valid, x, -float("inf")), axis=1)
-    nonfinite = tl.max(tl.where(valid & ~_finite(x), 1, 0), axis=1) != 0
+    # x * 0 is NaN exactly for inf and NaN: one sum finds a non-finite element of the group
+    nonfinite = tl.sum(x * 0.0, axis=1) != 0.0  # masked-off elements load as 0
     if LO_FP16:  # float16 input: the minimum is a float16 value already
         lo = mn
     else:
@@ -133,14 +147,17 @@ def _quantize_kernel(
     if HAS_NOISE:
         u = tl.load(noise_ptr + elem, mask=valid, other=0.0)
     else:
-        u = _uniform(tl.load(seed_ptr), elem, NG, GP)
+        u = _uniform_rows(tl.load(seed_ptr), row * row_len + col0, NG, GP)
     code = tl.minimum(tl.maximum(tl.floor(v + u), 0.0), levels * 1.0).to(tl.int32)
     code = tl.where(valid, code, 0)
-    # pack: the tile's rows of GP codes are GP // 8 consecutive groups of 8
+    # pack: the tile's rows of GP codes are GP // 8 consecutive groups of 8, the first starting
+    # at a multiple of 8 by the layout restriction
+    j8 = tl.arange(0, GP // 8)
+    ok8 = (j8[None, :] * 8 < G) & (col0[:, None] + j8[None, :] * 8 < row_len) & gmask[:, None]
+    start = (row * row_len + col0)[:, None] + j8[None, :] * 8
     code8 = tl.reshape(code, (NG * GP // 8, 8))
-    first = tl.reshape(elem, (NG * GP // 8, 8))
-    ok8 = tl.max(tl.reshape(valid.to(tl.int32), (NG * GP // 8, 8)), axis=1) != 0
-    start = tl.min(first, axis=1)  # a multiple of 8 by the layout restriction
+    ok8 = tl.reshape(ok8, (NG * GP // 8,))
+    start = tl.reshape(start, (NG * GP // 8,))
     k = tl.arange(0, P)
     offs = (start // 8 * BITS)[:, None] + k[None, :]
     mask = ok8[:, None] & (k[None, :] < BITS) & (offs < nbytes)

@@ -159,3 +159,16 @@ def test_cuda_generator_draws_the_seed_on_its_device() -> None:
     b = codec.quantize(x, 2, generator=torch.Generator(device="cuda").manual_seed(1))
     assert torch.equal(a.packed, b.packed) and a.packed.is_cuda
     assert torch.equal(codec.dequantize(a).cpu(), codec.dequantize(a.to("cpu")))
+
+
+@pytest.mark.parametrize("shape,group", [((3, 200), 64), ((2, 1024), 256), ((4104,), 128)])
+def test_seeded_codes_use_the_documented_noise(shape: tuple, group: int) -> None:
+    """In-kernel Philox noise (counters from each group's first element) equals the noise of
+    :func:`philox_uniform` (element e: lane e % 4 of philox(seed, e // 4)), partial groups and
+    several rows included: same bytes as quantizing with that noise passed explicitly."""
+    x = torch.randn(shape) * 3
+    q = kq.quantize(x, 2, group, seed=1234)
+    noise = kq.philox_uniform(1234, 0, x.numel(), "cpu")
+    ref = kq.quantize(x, 2, group, noise=noise)
+    assert torch.equal(q.packed, ref.packed) and same_bits(q.lo, ref.lo)
+    assert same_bits(q.scale, ref.scale)
