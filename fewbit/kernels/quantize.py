@@ -113,6 +113,25 @@ def _tile(
 
 
 @triton.jit
+def _byte_groups(
+    gi, gmask, groups_per_row, row_len,
+    BITS: tl.constexpr, P: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr,
+):  # fmt: skip
+    """Packed-byte offsets [NG * GP // 8, P] and validity [NG * GP // 8] of the tile's runs of
+    8 codes: a tile row's GP codes are GP // 8 consecutive runs, the first starting at a
+    multiple of 8 elements (the layout restriction), so offsets follow from the group's start
+    (no reductions over index tiles)."""
+    row = gi // groups_per_row
+    col0 = (gi % groups_per_row) * G
+    j8 = tl.arange(0, GP // 8)
+    ok8 = (j8[None, :] * 8 < G) & (col0[:, None] + j8[None, :] * 8 < row_len) & gmask[:, None]
+    run = ((row * row_len + col0) // 8)[:, None] + j8[None, :]
+    k = tl.arange(0, P)
+    offs = tl.reshape(run, (NG * GP // 8,))[:, None] * BITS + k[None, :]
+    return offs, tl.reshape(ok8, (NG * GP // 8,))
+
+
+@triton.jit
 def _quantize_kernel(
     x_ptr, noise_ptr, packed_ptr, lo_ptr, scale_ptr,
     n_groups, groups_per_row, row_len, nbytes, seed_ptr,
@@ -150,16 +169,9 @@ def _quantize_kernel(
         u = _uniform_rows(tl.load(seed_ptr), row * row_len + col0, NG, GP)
     code = tl.minimum(tl.maximum(tl.floor(v + u), 0.0), levels * 1.0).to(tl.int32)
     code = tl.where(valid, code, 0)
-    # pack: the tile's rows of GP codes are GP // 8 consecutive groups of 8, the first starting
-    # at a multiple of 8 by the layout restriction
-    j8 = tl.arange(0, GP // 8)
-    ok8 = (j8[None, :] * 8 < G) & (col0[:, None] + j8[None, :] * 8 < row_len) & gmask[:, None]
-    start = (row * row_len + col0)[:, None] + j8[None, :] * 8
+    offs, ok8 = _byte_groups(gi, gmask, groups_per_row, row_len, BITS, P, G, NG, GP)
     code8 = tl.reshape(code, (NG * GP // 8, 8))
-    ok8 = tl.reshape(ok8, (NG * GP // 8,))
-    start = tl.reshape(start, (NG * GP // 8,))
     k = tl.arange(0, P)
-    offs = (start // 8 * BITS)[:, None] + k[None, :]
     mask = ok8[:, None] & (k[None, :] < BITS) & (offs < nbytes)
     tl.store(packed_ptr + offs, pack_groups(code8, BITS, P).to(tl.uint8), mask=mask)
 
@@ -172,16 +184,13 @@ def _dequantize_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     gi, elem, valid = _tile(pid, n_groups, groups_per_row, row_len, G, NG, GP)
-    first = tl.reshape(elem, (NG * GP // 8, 8))
-    start = tl.min(first, axis=1)
+    gmask = gi < n_groups
+    offs, ok8 = _byte_groups(gi, gmask, groups_per_row, row_len, BITS, P, G, NG, GP)
     k = tl.arange(0, P)
-    offs = (start // 8 * BITS)[:, None] + k[None, :]
-    ok8 = tl.max(tl.reshape(valid.to(tl.int32), (NG * GP // 8, 8)), axis=1) != 0
     byte = tl.load(
         packed_ptr + offs, mask=ok8[:, None] & (k[None, :] < BITS) & (offs < nbytes), other=0
     )
     code = tl.reshape(unpack_groups(byte, BITS, P), (NG, GP)).to(tl.float32)
-    gmask = gi < n_groups
     lo = tl.load(lo_ptr + gi, mask=gmask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + gi, mask=gmask, other=0.0).to(tl.float32)
     out = lo[:, None] + code * scale[:, None]  # code * scale is exact (8 + 8 bits)
