@@ -348,13 +348,13 @@ _MAX_COMPARED = 15
 
 @functools.lru_cache(maxsize=512)
 def _boundary_keys(values: tuple[float, ...], dtype: torch.dtype) -> Tensor:
-    """Order keys of ``values`` rounded to ``dtype`` (as the torch path rounds them): int32
-    (int64 for float64) on the CPU, made once per (values, dtype)."""
+    """Order keys of ``values`` rounded to ``dtype`` (as the torch path rounds them): ints of
+    the dtype's width on the CPU, made once per (values, dtype)."""
     width, int_dtype, _ = _NATIVE_FORMATS[dtype]
     patterns = table_tensor(values, dtype, torch.device("cpu")).view(int_dtype).tolist()
     sign, mask = 1 << (width - 1), (1 << (width - 1)) - 1
     keys = [-(p & mask) if (p % (1 << width)) & sign else p & mask for p in patterns]
-    return torch.tensor(keys, dtype=torch.int64 if width == 64 else torch.int32)
+    return torch.tensor(keys, dtype={16: torch.int16, 32: torch.int32, 64: torch.int64}[width])
 
 
 def _native_ok(t: Tensor) -> bool:

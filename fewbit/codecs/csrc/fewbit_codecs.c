@@ -123,7 +123,7 @@ static void pack_block(const uint8_t *codes, int64_t m, int bits, uint8_t *out, 
         return bad_total;                                                                      \
     }
 
-ENCODE_FN(fewbit_encode_pack_16, uint16_t, int32_t, 15, 0x7fffu)
+ENCODE_FN(fewbit_encode_pack_16, uint16_t, int16_t, 15, 0x7fffu)
 ENCODE_FN(fewbit_encode_pack_32, uint32_t, int32_t, 31, 0x7fffffffu)
 ENCODE_FN(fewbit_encode_pack_64, uint64_t, int64_t, 63, 0x7fffffffffffffffull)
 
