@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from ..codecs.marks import is_compact
 from ..codecs.protocol import stored_nbytes
-from ..codecs.quantize import QuantizedTensor, check_group_size, check_quant_bits
+from ..codecs.quantize import QuantizedTensor, check_group_size, check_quant_bits, draw_seed
 from ..compress import SavedTensorCompressor, observe_saved, report_saved
 from ..functional import pooling as FP
 from ..functional.dropout import dropout
@@ -320,6 +320,49 @@ class _LayerSaver:
         return out if view is None else out.view(view)
 
 
+class _TracedQuantLinear(torch.autograd.Function):
+    """``F.linear`` saving its input quantized, as one autograd Function that torch.compile
+    traces (the quantizer is the custom ops ``fewbit::quantize``/``dequantize``).
+
+    What the compiled :class:`Linear` runs instead of the saved-tensor hooks (which a graph
+    cannot hold). Saves the same record as the eager layer: the input quantized to ``bits``
+    bits in groups of ``group_size`` per sample (``quantized_nbytes(input.shape, ...)``
+    bytes) with a seed drawn from the global RNG of the input's device, plus the weight.
+    Backward: the input is dequantized, then ``grad_input = grad @ W``,
+    ``grad_weight = grad^T x`` and ``grad_bias = sum(grad)`` over the leading dimensions.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, input: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int,
+        group_size: int,
+    ) -> Tensor:  # fmt: skip
+        out = torch.nn.functional.linear(input, weight, bias)
+        x = input.detach().contiguous()
+        seed = draw_seed(None, x.device)
+        packed, lo, scale = torch.ops.fewbit.quantize(x, seed, bits, group_size, True)
+        ctx.save_for_backward(packed, lo, scale, weight)
+        ctx.meta = (tuple(x.shape), x.dtype, bits, group_size, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        packed, lo, scale, weight = ctx.saved_tensors
+        shape, dtype, bits, group_size, has_bias = ctx.meta
+        grad_input = grad_weight = grad_bias = None
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_input = grad.matmul(weight)
+        if ctx.needs_input_grad[1]:
+            x = torch.ops.fewbit.dequantize(
+                packed, lo, scale, list(shape), dtype, bits, group_size, True
+            )
+            grad_weight = grad2d.t().mm(x.reshape(-1, shape[-1]))
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad2d.sum(0)
+        return grad_input, grad_weight, grad_bias, None, None
+
+
 class CompressedLayer(nn.Module):
     """Mixin (listed first among the bases) of the quantizing layers.
 
@@ -382,7 +425,23 @@ class CompressedLayer(nn.Module):
         )
         if not grads:
             return fn(input, *args, **kwargs)
+        if torch.compiler.is_compiling() and self._traceable_training(input):
+            assert isinstance(self, nn.Linear)
+            return _TracedQuantLinear.apply(
+                input, self.weight, self.bias, self.bits, self.group_size
+            )
         return self._compressed_training(fn, input, *args, **kwargs)
+
+    def _traceable_training(self, input: Tensor) -> bool:
+        """Whether torch.compile can trace this call through :class:`_TracedQuantLinear`
+        (no graph break): a Linear, autocast off, no offload, no adaptive statistics."""
+        return (
+            isinstance(self, nn.Linear)
+            and input.is_floating_point()
+            and autocast_dtype(input.device.type) is None
+            and not self.offload
+            and self.fewbit_stats is None
+        )
 
     @torch.compiler.disable
     def _compressed_training(self, fn: Callable[..., Tensor], input: Tensor, *args: Any,
