@@ -20,16 +20,18 @@ from .launch import interpreting
 
 __all__ = ["erf", "erf_fast", "exp", "expm1", "log1p", "round_to", "tanh"]
 
-# Compiled kernels round float32 -> bfloat16 with the hardware conversion (cvt.rn.bf16x2.f32:
-# nearest-even, overflow to inf, NaN to the canonical 0x7FFF; half an instruction per element);
-# the interpreter (fixed when triton is imported, see NOTES) truncates, so it rounds by hand.
-_HW_BF16 = tl.constexpr(not interpreting())
+# True for compiled (GPU) kernels, False under the interpreter (fixed before triton is
+# imported). Compiled kernels round float32 -> bfloat16 with the hardware conversion
+# (cvt.rn.bf16x2.f32: nearest-even, overflow to inf, NaN to the canonical 0x7FFF; half an
+# instruction per element) where the interpreter truncates, and use the ex2 instruction,
+# which the interpreter lacks (inline assembly).
+_COMPILED = tl.constexpr(not interpreting())
 
 
 @triton.jit
 def _ex2_approx(x):
     """2**x by the hardware approximation (MUFU.EX2, about 2 ulp; the interpreter: exact)."""
-    if _HW_BF16:
+    if _COMPILED:
         return tl.inline_asm_elementwise(
             "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
         )
@@ -147,7 +149,7 @@ def round_to(x, DTYPE: tl.constexpr):
     and sign (0x7FFFFFFF -> -0.0). Compiled kernels use the hardware conversion, which
     gives the same bits (about 5 instructions per element fewer).
     """
-    if DTYPE == tl.bfloat16 and _HW_BF16:
+    if DTYPE == tl.bfloat16 and _COMPILED:
         return x.to(tl.bfloat16)
     elif DTYPE == tl.bfloat16:
         u = x.to(tl.uint32, bitcast=True)
