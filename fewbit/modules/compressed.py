@@ -338,29 +338,68 @@ class _TracedQuantLinear(torch.autograd.Function):
         group_size: int,
     ) -> Tensor:  # fmt: skip
         out = torch.nn.functional.linear(input, weight, bias)
-        x = input.detach().contiguous()
-        seed = draw_seed(None, x.device)
-        packed, lo, scale = torch.ops.fewbit.quantize(x, seed, bits, group_size, True)
+        packed, lo, scale = _quantize_saved(ctx, input, bits, group_size)
         ctx.save_for_backward(packed, lo, scale, weight)
-        ctx.meta = (tuple(x.shape), x.dtype, bits, group_size, bias is not None)
+        ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
         packed, lo, scale, weight = ctx.saved_tensors
-        shape, dtype, bits, group_size, has_bias = ctx.meta
         grad_input = grad_weight = grad_bias = None
         grad2d = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[0]:
             grad_input = grad.matmul(weight)
         if ctx.needs_input_grad[1]:
-            x = torch.ops.fewbit.dequantize(
-                packed, lo, scale, list(shape), dtype, bits, group_size, True
-            )
-            grad_weight = grad2d.t().mm(x.reshape(-1, shape[-1]))
-        if has_bias and ctx.needs_input_grad[2]:
+            x = _dequantize_saved(ctx, packed, lo, scale)
+            grad_weight = grad2d.t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad2d.sum(0)
         return grad_input, grad_weight, grad_bias, None, None
+
+
+def _quantize_saved(ctx: Any, x: Tensor, bits: int, group_size: int) -> tuple[Tensor, ...]:
+    """The record the eager layer keeps of ``x``: per-sample groups, a seed from the global
+    RNG of x's device; ``ctx.qmeta`` gets what :func:`_dequantize_saved` needs."""
+    x = x.detach().contiguous()
+    seed = draw_seed(None, x.device)
+    ctx.qmeta = (tuple(x.shape), x.dtype, bits, group_size)
+    return torch.ops.fewbit.quantize(x, seed, bits, group_size, True)
+
+
+def _dequantize_saved(ctx: Any, packed: Tensor, lo: Tensor, scale: Tensor) -> Tensor:
+    shape, dtype, bits, group_size = ctx.qmeta
+    args = (list(shape), dtype, bits, group_size, True)
+    return torch.ops.fewbit.dequantize(packed, lo, scale, *args)
+
+
+class _TracedQuantLayerNorm(torch.autograd.Function):
+    """``F.layer_norm`` saving its input quantized, traceable by torch.compile (see
+    :class:`_TracedQuantLinear`). Saves what the eager layer keeps: the quantized input, the
+    per-row mean and reciprocal std (``native_layer_norm``'s, exact), weight and bias.
+    Backward is ``native_layer_norm_backward`` on the dequantized input, the op autograd runs
+    for the eager layer."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, input: Tensor, normalized_shape: tuple[int, ...], weight: Optional[Tensor],
+        bias: Optional[Tensor], eps: float, bits: int, group_size: int,
+    ) -> Tensor:  # fmt: skip
+        out, mean, rstd = torch.native_layer_norm(input, normalized_shape, weight, bias, eps)
+        packed, lo, scale = _quantize_saved(ctx, input, bits, group_size)
+        ctx.save_for_backward(packed, lo, scale, mean, rstd, weight, bias)
+        ctx.normalized_shape = normalized_shape
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        packed, lo, scale, mean, rstd, weight, bias = ctx.saved_tensors
+        x = _dequantize_saved(ctx, packed, lo, scale)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+        grad_input, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
+            grad, x, list(ctx.normalized_shape), mean, rstd, weight, bias, mask
+        )
+        return grad_input, None, grad_weight, grad_bias, None, None, None
 
 
 class CompressedLayer(nn.Module):
@@ -426,6 +465,11 @@ class CompressedLayer(nn.Module):
         if not grads:
             return fn(input, *args, **kwargs)
         if torch.compiler.is_compiling() and self._traceable_training(input):
+            if isinstance(self, nn.LayerNorm):
+                return _TracedQuantLayerNorm.apply(
+                    input, tuple(self.normalized_shape), self.weight, self.bias, self.eps,
+                    self.bits, self.group_size,
+                )  # fmt: skip
             assert isinstance(self, nn.Linear)
             return _TracedQuantLinear.apply(
                 input, self.weight, self.bias, self.bits, self.group_size
@@ -433,10 +477,11 @@ class CompressedLayer(nn.Module):
         return self._compressed_training(fn, input, *args, **kwargs)
 
     def _traceable_training(self, input: Tensor) -> bool:
-        """Whether torch.compile can trace this call through :class:`_TracedQuantLinear`
-        (no graph break): a Linear, autocast off, no offload, no adaptive statistics."""
+        """Whether torch.compile can trace this call through :class:`_TracedQuantLinear` or
+        :class:`_TracedQuantLayerNorm` (no graph break): a Linear or LayerNorm, autocast off,
+        no offload, no adaptive statistics."""
         return (
-            isinstance(self, nn.Linear)
+            isinstance(self, (nn.Linear, nn.LayerNorm))
             and input.is_floating_point()
             and autocast_dtype(input.device.type) is None
             and not self.offload

@@ -1,7 +1,7 @@
-"""torch.compile(fullgraph=True) of compressed Linear layers (issue 11 item 2): under a trace a
-compressed ``Linear`` runs one autograd Function whose quantizer is the custom ops
+"""torch.compile(fullgraph=True) of compressed Linear and LayerNorm layers (issue 11 item 2):
+under a trace such a layer runs one autograd Function whose quantizer is the custom ops
 ``fewbit::quantize``/``dequantize`` instead of saved-tensor hooks (which a graph cannot hold),
-so an MLP converted by ``QModule`` compiles with no graph break, matches eager bit for bit
+so an MLP converted by ``QModule`` (L1, L2) compiles with no graph break, matches eager bit for bit
 under the same seed (same seed draw, same codes, same backward ops) and keeps the quantized
 input instead of the full-precision one."""
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, List, Tuple
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -20,7 +21,9 @@ IN, HIDDEN, ROWS = 32, 256, 64
 
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, IN))
+    return nn.Sequential(
+        nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, IN), nn.LayerNorm(IN)
+    )
 
 
 def _step(forward: Callable[[Tensor], Tensor], model: nn.Module, x: Tensor
@@ -41,10 +44,13 @@ def _saved_bytes(forward: Callable[[Tensor], Tensor], model: nn.Module, x: Tenso
     return meter.total
 
 
-def test_qmodule_mlp_fullgraph_matches_eager_bitwise() -> None:
-    model = fewbit.QModule(_mlp(), level="L1")  # 4-bit Linear layers, nothing else converted
-    assert all(isinstance(m, fewbit.modules.compressed.Linear)
-               for m in model.modules() if isinstance(m, nn.Linear))
+@pytest.mark.parametrize("level", ["L1", "L2"])
+def test_qmodule_mlp_fullgraph_matches_eager_bitwise(level: str) -> None:
+    """L1: 4-bit Linear layers (LayerNorm kept exact); L2: 4-bit Linear and LayerNorm."""
+    model = fewbit.QModule(_mlp(), level=level)
+    compressed = (nn.Linear, nn.LayerNorm) if level == "L2" else (nn.Linear,)
+    assert all(isinstance(m, fewbit.modules.compressed.CompressedLayer)
+               for m in model.modules() if isinstance(m, compressed))
     x = torch.randn(ROWS, IN, generator=torch.Generator().manual_seed(1))
     eager = _step(model, model, x)
     torch._dynamo.reset()
@@ -65,12 +71,15 @@ def test_qmodule_mlp_fullgraph_matches_eager_bitwise() -> None:
     assert not torch.equal(model[0].weight.grad, got[1][0])
 
 
-def test_compiled_qlinear_keeps_the_quantized_input() -> None:
-    """One compressed Linear: eager and compiled keep the same bytes, the 4-bit record of the
-    input (``ROWS * IN / 2`` bytes of codes plus per-group lo/scale), far below the fp32 input
-    (``ROWS * IN * 4`` bytes) that nn.Linear keeps."""
+@pytest.mark.parametrize("kind", ["Linear", "LayerNorm"])
+def test_compiled_layer_keeps_the_quantized_input(kind: str) -> None:
+    """One compressed layer: eager and compiled keep the same bytes, the 4-bit record of the
+    input (``ROWS * IN / 2`` bytes of codes plus per-group lo/scale; LayerNorm adds its
+    per-row mean and rstd, ``2 * ROWS * 4`` bytes), far below the fp32 input
+    (``ROWS * IN * 4`` bytes) that the torch layer keeps."""
     torch.manual_seed(0)
-    layer = fewbit.modules.compressed.Linear(IN, HIDDEN, bits=4)
+    C = fewbit.modules.compressed
+    layer = C.Linear(IN, HIDDEN, bits=4) if kind == "Linear" else C.LayerNorm(IN, bits=4)
     x = torch.randn(ROWS, IN, generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
