@@ -10,6 +10,13 @@ On CUDA (Triton importable, ``FEWBIT_DISABLE_TRITON`` not ``1``) forward and
 backward are single fused kernel passes (:mod:`fewbit.kernels`) with the same codes
 and packing; their output is within a few ulp of torch's rather than bit-identical.
 
+On the CPU (contiguous float16/bfloat16/float32/float64, boundary tables) encode + pack + the
+per-chunk count of non-finite inputs is one native pass, and backward's unpack + lookup +
+multiply another (:mod:`fewbit.codecs.native`: C compiled at first use, split over
+``torch.get_num_threads()`` threads for tensors of 2M elements and more); the bytes and
+gradients are the torch path's. Without a C compiler, or with ``FEWBIT_COMPILE=0`` /
+``FEWBIT_NATIVE=0``, the torch-op path below runs (same results, about 10x slower).
+
 No host-device synchronisation: the constant tables (boundaries, levels, torch's
 derivative at +inf, -inf and NaN) are made once per (values, dtype, device) and
 cached (:func:`table_tensor`); nothing in forward or backward reads a device value.

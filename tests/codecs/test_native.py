@@ -205,3 +205,17 @@ def test_non_contiguous_and_other_dtypes_take_the_eager_path() -> None:
     x = torch.randn(64, 2)[:, 0]
     assert fn._native_encode_and_scan(x, spec) is None
     assert fn._native_encode_and_scan(torch.randn(64).to(torch.complex64), spec) is None
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9])
+def test_tiny_tensors_match_eager(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs_library()
+    spec = _spec(3, False, False, zero_level=True)
+    x = torch.randn(n)
+    g = torch.randn(n)
+    packed, side = fn._native_encode_and_scan(x, spec)  # type: ignore[misc]
+    assert torch.equal(packed, _eager(monkeypatch, lambda: fn._encode_and_pack(x, spec)))
+    assert torch.equal(side, fn.nonfinite_slots(x, CHUNK))
+    got = fn._grad_times_levels(g, packed, side, CHUNK, spec)[:n]
+    want = _eager(monkeypatch, lambda: fn._grad_times_levels(g, packed, side, CHUNK, spec))
+    assert _same_bits(got, want[:n])
