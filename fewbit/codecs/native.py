@@ -2,7 +2,8 @@
 
 ``csrc/fewbit_codecs.c`` (plain C, no torch headers) makes one pass per direction for the
 few-bit activations: encode + pack + per-chunk count of non-finite inputs, and unpack + level
-lookup + multiply. Results are byte-identical to the eager torch path (tests compare them).
+lookup + multiply; for 1-bit masks (computed by torch), packing and the non-finite counts.
+Results are byte-identical to the eager torch path (tests compare them).
 
 Build: at the first call that needs it, ``cc -O3 -fPIC -shared`` (compiler from ``$CC``, else
 ``cc``) writes ``fewbit_codecs-<hash>.so`` into a per-user cache directory
@@ -53,6 +54,11 @@ _SIGNATURES = {
         _i64,
     ),
 }
+for _width, _type in ((16, ctypes.c_uint16), (32, ctypes.c_uint32), (64, ctypes.c_uint64)):
+    # x, n, inf_bits, chunk, counts -> non-finite
+    _SIGNATURES[f"fewbit_count_nonfinite_{_width}"] = ([_ptr, _i64, _type, _i64, _ptr], _i64)
+# mask (bytes 0/1), n, out
+_SIGNATURES["fewbit_pack_mask"] = ([_ptr, _i64, _ptr], None)
 for _name in ("f32", "f64", "bf16", "f16"):
     # packed, n, bits, grad, out, start, stop, lut, zero_exact
     _SIGNATURES[f"fewbit_decode_mul_{_name}"] = (

@@ -323,7 +323,10 @@ def _forward_and_pack(x: Tensor, spec: ActivationSpec) -> tuple[Tensor, Tensor, 
         return y, packed, nonfinite_slots(x.reshape(-1), chunk), chunk
     flat = x.reshape(-1)
     y = spec.forward(x)
-    fast = _native_encode_and_scan(flat, spec)
+    if spec.boundaries is None:
+        fast = _native_mask_and_scan(flat, spec)
+    else:
+        fast = _native_encode_and_scan(flat, spec)
     if fast is not None:
         return y, fast[0], fast[1], _CHUNK
     return y, _encode_and_pack(flat, spec), nonfinite_slots(flat, _CHUNK), _CHUNK
@@ -408,12 +411,44 @@ def _native_encode_and_scan(flat: Tensor, spec: ActivationSpec) -> Optional[tupl
         )
 
     bad = sum(_in_threads(run, _split(len(parts), n)))
+    return packed, _side_from_counts(flat, counts, bad)
+
+
+def _side_from_counts(flat: Tensor, counts: Tensor, bad: int) -> Tensor:
+    """The side store of ``nonfinite_slots(flat, _CHUNK)`` from its per-chunk counts: empty
+    slots, except in chunks that hold non-finite values (the torch slot scan runs there)."""
+    parts = _chunks(flat.numel(), _CHUNK)
     slots = [torch.full((_slots_of(stop - start),), -1, dtype=torch.int64) for start, stop in parts]
     if bad:
         for i, (start, stop) in enumerate(parts):
             if counts[i].item():
                 slots[i] = _chunk_slots(flat, start, stop)[0]
-    return packed, torch.cat(slots + [counts]) if parts else counts
+    return torch.cat(slots + [counts]) if parts else counts
+
+
+def _native_mask_and_scan(flat: Tensor, spec: ActivationSpec) -> Optional[tuple[Tensor, Tensor]]:
+    """(packed 1-bit mask, side store) for a mask spec: ``spec.encode`` (torch) on chunks of
+    ``8 * _CHUNK`` elements (1 MiB of transient bool mask), each packed natively,
+    and the non-finite counts in one native pass; the same bytes as the torch path. None when
+    the native library does not apply."""
+    if spec.bits != 1 or not _native_ok(flat) or torch.compiler.is_compiling():
+        return None
+    lib = native.library()
+    if lib is None:
+        return None
+    n = flat.numel()
+    width, _, inf_bits = _NATIVE_FORMATS[flat.dtype]
+    packed = torch.empty(packed_nbytes(n, 1), dtype=torch.uint8)
+    for start, stop in _chunks(n, 8 * _CHUNK):  # byte boundaries (8 | _CHUNK)
+        mask = spec.encode(flat[start:stop])
+        if mask.dtype != torch.bool or mask.numel() != stop - start:
+            return None  # not a plain boolean mask: the torch path packs it
+        mask = mask.contiguous()
+        lib.fewbit_pack_mask(mask.data_ptr(), stop - start, packed.data_ptr() + start // 8)
+    counts = torch.zeros(len(_chunks(n, _CHUNK)), dtype=torch.int64)
+    count = getattr(lib, f"fewbit_count_nonfinite_{width}")
+    bad = count(flat.data_ptr(), n, inf_bits, _CHUNK, counts.data_ptr())
+    return packed, _side_from_counts(flat, counts, bad)
 
 
 def _native_grad_times_levels(

@@ -16,7 +16,7 @@ import fewbit.functional.fewbit_fn as fn
 from fewbit.codecs import native
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-N = 1001  # not a multiple of 8: the last packed byte is partial for every odd bit width
+N = 1003  # 8k + 3: the last group of 8 codes is partial (3 codes) in every chunk layout
 CHUNK = 64  # several chunks (scan and encode) per tensor
 
 
@@ -219,3 +219,46 @@ def test_tiny_tensors_match_eager(n: int, monkeypatch: pytest.MonkeyPatch) -> No
     got = fn._grad_times_levels(g, packed, side, CHUNK, spec)[:n]
     want = _eager(monkeypatch, lambda: fn._grad_times_levels(g, packed, side, CHUNK, spec))
     assert _same_bits(got, want[:n])
+
+
+MASKS = [
+    ("relu", {}),
+    ("leaky_relu", {}),
+    ("hardtanh", {"min_val": -0.7, "max_val": 0.3}),
+    ("relu6", {}),
+    ("hardshrink", {"lambd": 0.1}),
+    ("softshrink", {"lambd": 0.1}),
+    ("threshold", {"threshold": 0.2, "value": 0.0}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,kwargs", MASKS, ids=[m[0] for m in MASKS])
+def test_masks_match_eager(
+    name: str, kwargs: dict, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1-bit masks (computed by torch, packed natively): same bytes, side store and
+    gradient as the torch path, with non-finite and kink inputs."""
+    _needs_library()
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(N, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    kinks = [0.0, -0.0, 6.0, -0.7, 0.3, 0.1, -0.1, 0.2, math.nan, math.inf, -math.inf]
+    x[torch.randperm(N, generator=gen)[: len(kinks)]] = torch.tensor(kinks, dtype=dtype)
+    g = torch.randn(N, generator=gen, dtype=torch.float64).to(dtype)
+    f = getattr(FB, name)
+
+    def run() -> tuple[Tensor, Tensor]:
+        leaf = x.clone().requires_grad_(True)
+        y = f(leaf, **kwargs)
+        (gx,) = torch.autograd.grad(y, leaf, g)
+        return y, gx
+
+    leaf = x.clone().requires_grad_(True)
+    spec = f(leaf, **kwargs).grad_fn.spec
+    got = fn._native_mask_and_scan(x, spec)
+    assert got is not None
+    assert torch.equal(got[0], _eager(monkeypatch, lambda: fn._encode_and_pack(x, spec)))
+    assert torch.equal(got[1], fn.nonfinite_slots(x, CHUNK))
+    y, gx = run()
+    y0, gx0 = _eager(monkeypatch, run)
+    assert _same_bits(y, y0) and _same_bits(gx, gx0)

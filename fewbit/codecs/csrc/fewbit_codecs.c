@@ -249,3 +249,38 @@ DECODE_FN(fewbit_decode_mul_f32, float, float, uint32_t, ID, ID)
 DECODE_FN(fewbit_decode_mul_f64, double, double, uint64_t, ID, ID)
 DECODE_FN(fewbit_decode_mul_bf16, uint16_t, float, uint32_t, bf16_to_f32, f32_to_bf16)
 DECODE_FN(fewbit_decode_mul_f16, uint16_t, float, uint32_t, f16_to_f32, f32_to_f16)
+
+/* ---- 1-bit masks computed by torch: pack + non-finite counts ---- */
+
+/* Pack n bytes (0 or 1) into ceil(n/8) bytes of the 1-bit stream. */
+void fewbit_pack_mask(const uint8_t *mask, int64_t n, uint8_t *out) {
+    int64_t full = n / 8;
+    for (int64_t g = 0; g < full; g++) {
+        const uint8_t *m = mask + 8 * g;
+        out[g] = (uint8_t)((m[0] & 1) | (m[1] & 1) << 1 | (m[2] & 1) << 2 | (m[3] & 1) << 3 |
+                           (m[4] & 1) << 4 | (m[5] & 1) << 5 | (m[6] & 1) << 6 | (m[7] & 1) << 7);
+    }
+    if (full * 8 < n) {
+        uint8_t acc = 0;
+        for (int64_t i = full * 8; i < n; i++) acc |= (uint8_t)((mask[i] & 1) << (i - full * 8));
+        out[full] = acc;
+    }
+}
+
+/* counts[c] = non-finite elements of chunk c (chunks of `chunk` elements); returns the sum. */
+#define COUNT_FN(NAME, UT, MAGMASK)                                                          \
+    int64_t NAME(const UT *x, int64_t n, UT inf_bits, int64_t chunk, int64_t *counts) {       \
+        int64_t total = 0;                                                                    \
+        for (int64_t c0 = 0; c0 < n; c0 += chunk) {                                           \
+            int64_t c1 = c0 + chunk < n ? c0 + chunk : n;                                     \
+            int64_t bad = 0;                                                                  \
+            for (int64_t i = c0; i < c1; i++) bad += (x[i] & (UT)MAGMASK) >= inf_bits;        \
+            counts[c0 / chunk] = bad;                                                         \
+            total += bad;                                                                     \
+        }                                                                                     \
+        return total;                                                                         \
+    }
+
+COUNT_FN(fewbit_count_nonfinite_16, uint16_t, 0x7fffu)
+COUNT_FN(fewbit_count_nonfinite_32, uint32_t, 0x7fffffffu)
+COUNT_FN(fewbit_count_nonfinite_64, uint64_t, 0x7fffffffffffffffull)
