@@ -174,6 +174,9 @@ register(
     Config("rand20-rademacher", (Sketch(0.2, kind="rademacher"),), "rand20, Rademacher sketch")
 )
 register(
+    Config("rand20-gaussian", (Sketch(0.2, kind="gaussian"),), "rand20, Gaussian sketch")
+)
+register(
     Config("rand20-sampling", (Sketch(0.2, kind="sampling"),), "rand20, importance row sampling")
 )
 register(Config("L1", ("L1",), "ActNN level 1: 4-bit conv/linear, 3-bit activations"))
