@@ -2,10 +2,12 @@
 
 Run: ``python benchmarks/quantize_cpu.py [--numel 16777216] [--bits 2] [--threads 1]``.
 Prints the best of ``--repeats`` timings of ``out.copy_(x)``, ``quantize`` and ``dequantize``
-(float32 input, group size 256) for the fused (compiled) and the eager PyTorch path, and
+(float32 input, group size 256) for the native C path (:mod:`fewbit.codecs.native`), the
+fused (compiled) and the eager PyTorch path, and
 ``copy time / (quantize + dequantize time)``, the fraction of copy bandwidth reached (goal:
->= 50% at 2 bits). The first fused call compiles (seconds; cached on disk afterwards): it is
-timed separately. Run it alone on the machine: shared cores make every figure noisy.
+>= 50% at 2 bits). The first native or fused call compiles (seconds; cached on disk
+afterwards): it is timed separately. Run it alone on the machine: shared cores make every
+figure noisy.
 """
 
 from __future__ import annotations
@@ -42,15 +44,19 @@ def main() -> None:
     out = torch.empty_like(x)
     copy = best_of(lambda: out.copy_(x), args.repeats)
     print(f"copy: {copy * 1e3:.1f} ms ({2 * x.numel() * 4 / copy / 1e9:.2f} GB/s read+write)")
-    for mode in ("1", "0"):
-        os.environ["FEWBIT_COMPILE"] = mode
+    for name, compile_flag, native_flag in (
+        ("native", "1", "1"),
+        ("fused", "1", "0"),
+        ("eager", "0", "0"),
+    ):
+        os.environ["FEWBIT_COMPILE"] = compile_flag
+        os.environ["FEWBIT_NATIVE"] = native_flag
         start = time.perf_counter()
         q = quantize(x, args.bits)
         dequantize(q)
         first = time.perf_counter() - start
         tq = best_of(lambda: quantize(x, args.bits), args.repeats)
         td = best_of(lambda q=q: dequantize(q), args.repeats)
-        name = "fused" if mode == "1" else "eager"
         print(
             f"{name}: first call {first:.1f} s; quantize {tq * 1e3:.1f} ms, dequantize "
             f"{td * 1e3:.1f} ms; copy/(q+d) = {copy / (tq + td):.0%} of copy bandwidth"

@@ -2,7 +2,9 @@
 
 ``csrc/fewbit_codecs.c`` (plain C, no torch headers) makes one pass per direction for the
 few-bit activations: encode + pack + per-chunk count of non-finite inputs, and unpack + level
-lookup + multiply; for 1-bit masks (computed by torch), packing and the non-finite counts.
+lookup + multiply; for 1-bit masks (computed by torch), packing and the non-finite counts;
+for the group quantizer (:mod:`fewbit.codecs.quantize`), quantize + pack and unpack +
+dequantize.
 Results are byte-identical to the eager torch path (tests compare them).
 
 Build: at the first call that needs it, ``cc -O3 -fPIC -shared`` (compiler from ``$CC``, else
@@ -63,6 +65,17 @@ for _name in ("f32", "f64", "bf16", "f16"):
     # packed, n, bits, grad, out, start, stop, lut, zero_exact
     _SIGNATURES[f"fewbit_decode_mul_{_name}"] = (
         [_ptr, _i64, _i32, _ptr, _ptr, _i64, _i64, _ptr, _i32],
+        None,
+    )
+for _name in ("f32", "f64", "bf16", "f16"):
+    # x, row_len, group_size, g0, g1, key, bits, lo_f16, packed, lo, scale
+    _SIGNATURES[f"fewbit_quantize_{_name}"] = (
+        [_ptr, _i64, _i64, _i64, _i64, ctypes.c_uint32, _i32, _i32, _ptr, _ptr, _ptr],
+        None,
+    )
+    # packed, row_len, group_size, g0, g1, bits, lo, lo_f16, scale, out
+    _SIGNATURES[f"fewbit_dequantize_{_name}"] = (
+        [_ptr, _i64, _i64, _i64, _i64, _i32, _ptr, _i32, _ptr, _ptr],
         None,
     )
 

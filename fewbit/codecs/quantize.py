@@ -51,12 +51,14 @@ Paths (one format, interchangeable: each path dequantizes the others' output)
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from . import native
 from .bitpack import packed_nbytes
 from .fused import compile_enabled, fused
 from .protocol import Encoded, restride, saved_stride
@@ -500,6 +502,110 @@ def _torch_dequantize(
     return out.reshape(tuple(shape))
 
 
+# ----------------------------------------------------------------------------- native path
+_NATIVE_NAMES = {
+    torch.float32: "f32",
+    torch.float64: "f64",
+    torch.bfloat16: "bf16",
+    torch.float16: "f16",
+}
+# Elements per worker thread at least (below, one thread: starting threads costs more).
+_PER_THREAD = 1 << 18
+
+
+def _native_lib(t: Tensor, dtype: torch.dtype) -> Any:
+    """The native library when it applies to CPU tensor ``t`` and data type ``dtype`` (else
+    None: torch path)."""
+    if t.device.type != "cpu" or dtype not in _NATIVE_NAMES or torch.compiler.is_compiling():
+        return None
+    return native.library()
+
+
+def _group_ranges(rows: int, row_len: int, group_size: int) -> list[tuple[int, int]]:
+    """Group ranges ``[g0, g1)`` for the worker threads, every one starting on an element
+    index that is a multiple of 8 (whole bytes of the packed stream at any bit width, so
+    workers never share a byte); one range when the layout does not allow that."""
+    n_groups = rows * (-(-row_len // group_size))
+    workers = max(1, min(torch.get_num_threads(), rows * row_len // _PER_THREAD, n_groups))
+    aligned = group_size % 8 == 0 and (rows == 1 or row_len % 8 == 0)
+    if workers == 1 or not aligned:
+        return [(0, n_groups)]
+    step = -(-n_groups // workers)
+    return [(g, min(g + step, n_groups)) for g in range(0, n_groups, step)]
+
+
+def _in_threads(run: Callable[[int, int], None], ranges: list[tuple[int, int]]) -> None:
+    """``run(g0, g1)`` for every range: inline for one, else in a thread each (the ctypes
+    calls release the GIL); the outputs of distinct ranges are disjoint."""
+    if len(ranges) == 1:
+        run(*ranges[0])
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(ranges)) as pool:
+        list(pool.map(lambda r: run(*r), ranges))
+
+
+def _native_quantize(
+    x: Tensor, key: Tensor, bits: int, group_size: int, per_sample: bool
+) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """(packed, lo, scale) of CPU ``x`` in one native pass per group, the same bytes as the
+    torch path (same noise: ``key`` is :func:`_seed_key` of the seed); None when the native
+    library does not apply. Transient memory: none beyond the outputs."""
+    lib = _native_lib(x, x.dtype)
+    if lib is None:
+        return None
+    rows, row_len = _rows(x.shape, per_sample)
+    flat = x.reshape(-1).contiguous()
+    n_groups = rows * (-(-row_len // group_size)) if row_len else 0
+    lo_dtype = _lo_dtype(x.dtype)
+    packed = torch.zeros(packed_nbytes(rows * row_len, bits), dtype=torch.uint8)
+    lo = torch.empty(n_groups, dtype=lo_dtype)
+    scale = torch.empty(n_groups, dtype=torch.bfloat16)
+    if n_groups == 0:
+        return packed, lo, scale
+    fn = getattr(lib, f"fewbit_quantize_{_NATIVE_NAMES[x.dtype]}")
+    k = int(key.item()) & _M32
+    lo_f16 = int(lo_dtype == torch.float16)
+    xp, pp, lp, sp = flat.data_ptr(), packed.data_ptr(), lo.data_ptr(), scale.data_ptr()
+
+    def run(g0: int, g1: int) -> None:
+        fn(xp, row_len, group_size, g0, g1, k, bits, lo_f16, pp, lp, sp)
+
+    _in_threads(run, _group_ranges(rows, row_len, group_size))
+    return packed, lo, scale
+
+
+def _native_dequantize(
+    packed: Tensor, lo: Tensor, scale: Tensor, shape: Sequence[int], dtype: torch.dtype,
+    bits: int, group_size: int, per_sample: bool,
+) -> Optional[Tensor]:  # fmt: skip
+    """``lo + code * scale`` (contiguous, ``dtype``) in one native pass, bitwise equal to
+    the torch path; None when the native library does not apply."""
+    if lo.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    lib = _native_lib(packed, dtype)
+    if lib is None:
+        return None
+    rows, row_len = _rows(shape, per_sample)
+    n_groups = rows * (-(-row_len // group_size)) if row_len else 0
+    out = torch.empty(tuple(shape), dtype=dtype)
+    if n_groups == 0:
+        return out
+    if packed.numel() < packed_nbytes(rows * row_len, bits) or lo.numel() < n_groups:
+        return None  # malformed: the torch path raises its own error
+    if scale.numel() < n_groups or scale.dtype != torch.bfloat16:
+        return None
+    fn = getattr(lib, f"fewbit_dequantize_{_NATIVE_NAMES[dtype]}")
+    packed, lo, scale = packed.contiguous(), lo.contiguous(), scale.contiguous()
+    lo_f16 = int(lo.dtype == torch.float16)
+    pp, lp, sp, op = packed.data_ptr(), lo.data_ptr(), scale.data_ptr(), out.data_ptr()
+
+    def run(g0: int, g1: int) -> None:
+        fn(pp, row_len, group_size, g0, g1, bits, lp, lo_f16, sp, op)
+
+    _in_threads(run, _group_ranges(rows, row_len, group_size))
+    return out
+
+
 # ----------------------------------------------------------------------------- dispatch
 def _kernel_quantizer(x: Tensor, group_size: int, per_sample: bool) -> Any:
     """``fewbit.kernels.quantize`` when the policy and the layout allow it, else None."""
@@ -521,6 +627,9 @@ def _quantize_op(
     if kq is not None:
         q = kq.quantize(x, bits, group_size, per_sample=per_sample, seed=seed)
         return q.packed, q.lo, q.scale
+    got = _native_quantize(x, _seed_key(seed), bits, group_size, per_sample)
+    if got is not None:
+        return got
     return _torch_quantize(x, seed, bits, group_size, per_sample)
 
 
@@ -550,6 +659,9 @@ def _dequantize_op(
             q = QuantizedTensor(packed, lo, scale, torch.Size(shape), dtype, bits, group_size,
                                 per_sample)  # fmt: skip
             return kq.dequantize(q)
+    out = _native_dequantize(packed, lo, scale, shape, dtype, bits, group_size, per_sample)
+    if out is not None:
+        return out
     return _torch_dequantize(packed, lo, scale, shape, dtype, bits, group_size, per_sample)
 
 
