@@ -19,9 +19,13 @@ Composes with the rest of PyTorch as the layer it replaces:
 * ``torch.autocast``: the input is cast as autocast casts it for the layer's op (linear and
   convolutions to the autocast dtype; on CUDA LayerNorm/GroupNorm/Softmax to float32), so
   the tensor the op saves is the one compressed, and outputs have torch's dtype.
-* ``torch.compile``: inference traces as torch's layer; the training forward runs eagerly
-  between compiled graphs (one graph break per layer: saved-tensor hooks are not traceable),
-  with its saved activation quantized and strides preserved.
+* ``torch.compile``: inference traces as torch's layer. In training, Linear and LayerNorm
+  trace as one autograd Function each (:class:`_TracedQuantLinear`,
+  :class:`_TracedQuantLayerNorm`: no graph break, adaptive statistics included, offload
+  skipped where it does nothing, i.e. off CUDA); the other layers, autocast, and offload of
+  CUDA tensors run their training forward eagerly between compiled graphs (one graph break
+  per layer: saved-tensor hooks are not traceable), with the saved activation quantized and
+  strides preserved.
 * Activation checkpointing (``torch.utils.checkpoint`` with ``use_reentrant=False``, or
   :func:`fewbit.checkpoint.checkpoint`): inside a checkpoint region the layer runs as plain
   torch (the region keeps nothing for backward; compressing would make the checkpoint keep
@@ -46,7 +50,8 @@ every other saved tensor (deduplicated by storage, parameters excluded).
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple
 
 import torch
@@ -208,6 +213,13 @@ class LayerStats:
     ``grad_sq``: mean of the squared gradient of the layer output; ``range_sq``: mean over
     quantization groups of the squared group range of the saved activation; ``numel``: elements
     of the saved activation in the last step. EMA factor ``momentum``.
+
+    Eager layers update these floats in forward (range) and from a tensor hook on the output
+    (gradient). Under torch.compile the traced layer Functions cannot read to the host: their
+    backward returns ``[grad_sq, range_sq, numel]`` (float64, device tensors) as the gradient
+    of ``probe``, a 3-element leaf tensor; a post-accumulate-grad hook on it (eager, after the
+    compiled backward) folds them in with :meth:`fold` and clears ``probe.grad``.
+    ``on_backward`` (set by the allocator) is called after every gradient update.
     """
 
     grad_sq: float = 0.0
@@ -215,6 +227,8 @@ class LayerStats:
     numel: int = 0
     steps: int = 0
     momentum: float = 0.9
+    probe: Optional[Tensor] = field(default=None, compare=False, repr=False)
+    on_backward: Optional[Callable[[], None]] = field(default=None, compare=False, repr=False)
 
     def _ema(self, old: float, new: float, first: bool) -> float:
         return new if first else self.momentum * old + (1 - self.momentum) * new
@@ -226,6 +240,9 @@ class LayerStats:
         rng = q.scale.float() * levels
         rng = rng[torch.isfinite(rng)]
         value = float((rng * rng).mean()) if rng.numel() else 0.0
+        self._set_range(value, numel)
+
+    def _set_range(self, value: float, numel: int) -> None:
         self.range_sq = self._ema(self.range_sq, value, self.numel == 0)
         self.numel = numel
 
@@ -233,8 +250,53 @@ class LayerStats:
         if grad.device.type == "meta":  # shapes only: nothing to measure
             return
         value = float(grad.detach().float().pow(2).mean()) if grad.numel() else 0.0
+        self._set_grad(value)
+
+    def _set_grad(self, value: float) -> None:
         self.grad_sq = self._ema(self.grad_sq, value, self.steps == 0)
         self.steps += 1
+        if self.on_backward is not None:
+            self.on_backward()
+
+    def make_probe(self, device: torch.device) -> Tensor:
+        """Create ``probe`` on ``device`` with the hook that folds its gradient in."""
+        probe = torch.zeros(3, dtype=torch.float64, device=device, requires_grad=True)
+        probe.register_post_accumulate_grad_hook(self._probe_hook)
+        self.probe = probe
+        return probe
+
+    def _probe_hook(self, probe: Tensor) -> None:
+        if probe.grad is not None:
+            self.fold(probe.grad)
+            probe.grad = None
+
+    def fold(self, values: Tensor) -> None:
+        """Fold ``[grad_sq, range_sq, numel]`` (one traced backward's) into the averages (one
+        host read of three numbers)."""
+        if values.device.type == "meta":
+            return
+        grad_sq, range_sq, numel = values.tolist()
+        self._set_range(range_sq, int(numel))
+        self._set_grad(grad_sq)
+
+
+def _probe_values(grad: Tensor, scale: Tensor, bits: int, numel: int) -> Tensor:
+    """``[mean(grad**2), mean over finite groups of range**2, numel]`` as float64 tensor ops
+    (what :meth:`LayerStats.update_grad` / ``update_range`` compute, without a host read)."""
+    g = grad.float().pow(2).mean() if grad.numel() else grad.new_zeros((), dtype=torch.float32)
+    rng = scale.float() * ((1 << bits) - 1)
+    finite = torch.isfinite(rng)
+    r2 = torch.where(finite, rng * rng, torch.zeros_like(rng)).sum()
+    r2 = r2 / finite.sum().clamp_min(1)
+    n = torch.full((), float(numel), dtype=torch.float64, device=grad.device)
+    return torch.stack([g.double(), r2.double(), n])
+
+
+def layer_device(layer: nn.Module) -> torch.device:
+    """Device of ``layer``'s first own parameter or buffer (CPU if it has none)."""
+    for t in list(layer.parameters(recurse=False)) + list(layer.buffers(recurse=False)):
+        return t.device
+    return torch.device("cpu")
 
 
 # --- the quantizing layers ----------------------------------------------------------------------
@@ -330,12 +392,14 @@ class _TracedQuantLinear(torch.autograd.Function):
     bytes) with a seed drawn from the global RNG of the input's device, plus the weight.
     Backward: the input is dequantized, then ``grad_input = grad @ W``,
     ``grad_weight = grad^T x`` and ``grad_bias = sum(grad)`` over the leading dimensions.
+    ``probe`` (adaptive levels, see :class:`LayerStats`) gets the layer's statistics as its
+    gradient.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, input: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int,
-        group_size: int,
+        group_size: int, probe: Optional[Tensor] = None,
     ) -> Tensor:  # fmt: skip
         out = torch.nn.functional.linear(input, weight, bias)
         packed, lo, scale = _quantize_saved(ctx, input, bits, group_size)
@@ -355,7 +419,7 @@ class _TracedQuantLinear(torch.autograd.Function):
             grad_weight = grad2d.t().mm(x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad2d.sum(0)
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None, None, _probe_grad(ctx, grad, scale, 5)
 
 
 def _quantize_saved(ctx: Any, x: Tensor, bits: int, group_size: int) -> tuple[Tensor, ...]:
@@ -365,6 +429,14 @@ def _quantize_saved(ctx: Any, x: Tensor, bits: int, group_size: int) -> tuple[Te
     seed = draw_seed(None, x.device)
     ctx.qmeta = (tuple(x.shape), x.dtype, bits, group_size)
     return torch.ops.fewbit.quantize(x, seed, bits, group_size, True)
+
+
+def _probe_grad(ctx: Any, grad: Tensor, scale: Tensor, index: int) -> Optional[Tensor]:
+    """The statistics returned as the gradient of the probe (input ``index``), or None."""
+    if not ctx.needs_input_grad[index]:
+        return None
+    shape, _, bits, _ = ctx.qmeta
+    return _probe_values(grad, scale, bits, math.prod(shape))
 
 
 def _dequantize_saved(ctx: Any, packed: Tensor, lo: Tensor, scale: Tensor) -> Tensor:
@@ -384,6 +456,7 @@ class _TracedQuantLayerNorm(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, input: Tensor, normalized_shape: tuple[int, ...], weight: Optional[Tensor],
         bias: Optional[Tensor], eps: float, bits: int, group_size: int,
+        probe: Optional[Tensor] = None,
     ) -> Tensor:  # fmt: skip
         out, mean, rstd = torch.native_layer_norm(input, normalized_shape, weight, bias, eps)
         packed, lo, scale = _quantize_saved(ctx, input, bits, group_size)
@@ -399,7 +472,8 @@ class _TracedQuantLayerNorm(torch.autograd.Function):
         grad_input, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
             grad, x, list(ctx.normalized_shape), mean, rstd, weight, bias, mask
         )
-        return grad_input, None, grad_weight, grad_bias, None, None, None
+        probe = _probe_grad(ctx, grad, scale, 7)
+        return grad_input, None, grad_weight, grad_bias, None, None, None, probe
 
 
 class CompressedLayer(nn.Module):
@@ -443,6 +517,17 @@ class CompressedLayer(nn.Module):
         if offload is not None:
             self.offload = bool(offload)
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Any:
+        """torch's ``_apply`` (``.to``, ``.cuda``, ``to_empty``, ...); then the adaptive
+        statistics' probe (not a parameter or buffer) follows the layer to its new device."""
+        out = super()._apply(fn, recurse)
+        stats = self.fewbit_stats
+        if stats is not None and stats.probe is not None:
+            device = layer_device(self)
+            if stats.probe.device != device:
+                stats.make_probe(device)
+        return out
+
     @classmethod
     def layer_spec(cls) -> LayerSpec:
         """This class's :data:`LAYERS` entry (the nearest one up its bases)."""
@@ -465,27 +550,31 @@ class CompressedLayer(nn.Module):
         if not grads:
             return fn(input, *args, **kwargs)
         if torch.compiler.is_compiling() and self._traceable_training(input):
+            stats = self.fewbit_stats
+            probe = stats.probe if stats is not None and self.training else None
             if isinstance(self, nn.LayerNorm):
                 return _TracedQuantLayerNorm.apply(
                     input, tuple(self.normalized_shape), self.weight, self.bias, self.eps,
-                    self.bits, self.group_size,
+                    self.bits, self.group_size, probe,
                 )  # fmt: skip
             assert isinstance(self, nn.Linear)
             return _TracedQuantLinear.apply(
-                input, self.weight, self.bias, self.bits, self.group_size
+                input, self.weight, self.bias, self.bits, self.group_size, probe
             )
         return self._compressed_training(fn, input, *args, **kwargs)
 
     def _traceable_training(self, input: Tensor) -> bool:
         """Whether torch.compile can trace this call through :class:`_TracedQuantLinear` or
         :class:`_TracedQuantLayerNorm` (no graph break): a Linear or LayerNorm, autocast off,
-        no offload, no adaptive statistics."""
+        no offload of a CUDA tensor (on other devices offload does nothing), adaptive
+        statistics (if any) with their probe on the input's device."""
+        stats = self.fewbit_stats
         return (
             isinstance(self, (nn.Linear, nn.LayerNorm))
             and input.is_floating_point()
             and autocast_dtype(input.device.type) is None
-            and not self.offload
-            and self.fewbit_stats is None
+            and not (self.offload and input.is_cuda)
+            and (stats is None or (stats.probe is not None and stats.probe.device == input.device))
         )
 
     @torch.compiler.disable

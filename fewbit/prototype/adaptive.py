@@ -13,8 +13,16 @@ all layers start at 1 bit and the upgrade (to the next of 1, 2, 4, 8) with the l
 variance reduction per extra bit is applied while it fits the budget. No extra forward or
 backward pass is run. Until the first allocation all layers use the configured bits (2).
 
+Under torch.compile, compressed Linear and LayerNorm layers compute the same two numbers with
+tensor ops in their traced backward and hand them to the host through a probe tensor's gradient
+(see :class:`fewbit.modules.compressed.LayerStats`); the root's forward pre-hook is then part of
+the graph, so a step is counted at the end of each backward that reached a watched layer instead
+(its re-allocation sees that backward's statistics and applies from the next forward; new bits
+recompile the graph).
+
 State: the allocator is stored in the root module's ``__dict__`` (:func:`get_allocator`); each
-watched layer holds a :class:`fewbit.modules.compressed.LayerStats` (four numbers).
+watched layer holds a :class:`fewbit.modules.compressed.LayerStats` (four numbers and a
+3-element float64 probe tensor on the layer's device).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..modules.compressed import CompressedLayer, LayerStats
+from ..modules.compressed import CompressedLayer, LayerStats, layer_device
 
 __all__ = ["BIT_CHOICES", "AdaptiveBitAllocator", "allocate_bits", "attach_allocator",
            "detach_allocator", "get_allocator"]
@@ -82,8 +90,12 @@ class AdaptiveBitAllocator:
         self.steps = 0
         self.allocations = 0
         self._handle: Optional[Any] = None
+        self._forward_clock = True
+        self._end_queued = False
         for layer in self.layers:
-            layer.fewbit_stats = LayerStats()
+            stats = LayerStats(on_backward=self._backward_seen)
+            stats.make_probe(layer_device(layer))
+            layer.fewbit_stats = stats
 
     def attach(self, root: nn.Module) -> None:
         """Count the training forwards of ``root`` as steps."""
@@ -98,8 +110,28 @@ class AdaptiveBitAllocator:
             layer.fewbit_stats = None
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            # traced: a host-side count here would be frozen into the graph; backward counts
+            self._forward_clock = False
+            return
+        self._forward_clock = True
         if module.training and torch.is_grad_enabled():
             self.step()
+
+    def _backward_seen(self) -> None:
+        """A watched layer got its output gradient. When the root's forward was compiled (its
+        pre-hook could not count), the step is counted when this backward ends: the step's
+        re-allocation then uses this backward's statistics too and takes effect at the next
+        forward (one step after eager counting would)."""
+        if self._forward_clock or self._end_queued:
+            return
+        self._end_queued = True
+        # runs once, after the current backward pass finishes (as DDP's reducer does)
+        torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+
+    def _backward_done(self) -> None:
+        self._end_queued = False
+        self.step()
 
     def step(self) -> None:
         """One training step; re-allocates when ``steps`` is a multiple of ``interval``."""

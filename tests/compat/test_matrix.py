@@ -52,11 +52,7 @@ def check_forward_exact(out: Tensor, ref: Tensor) -> None:
 # --- torch.compile ------------------------------------------------------------------------------
 
 COMPILE_DEFAULT_XFAIL: Dict[str, str] = {}
-FULLGRAPH_XFAIL = {
-    **{lvl: "graph break: adaptive compressed layers (statistics for the bit allocator) run "
-            "their training forward under torch.compiler.disable, item 2"
-       for lvl in R.LEVEL_ROWS if lvl not in ("L1", "L2")},
-}
+FULLGRAPH_XFAIL: Dict[str, str] = {}
 
 
 def run_compiled(row: str, fullgraph: bool) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import fewbit
+import fewbit.levels
 from fewbit.modules.compressed import SavedBytesMeter
 
 IN, HIDDEN, ROWS = 32, 256, 64
@@ -89,3 +90,67 @@ def test_compiled_layer_keeps_the_quantized_input(kind: str) -> None:
     full = ROWS * IN * 4
     assert compiled_bytes == eager_bytes
     assert compiled_bytes < full / 4  # 4 bits = 1/8 of fp32, plus small group headers
+
+
+def _stats(model: nn.Module) -> List[Tuple[float, float, int, int]]:
+    alloc = fewbit.levels.get_allocator(model)
+    assert alloc is not None
+    return [(s.grad_sq, s.range_sq, s.numel, s.steps)
+            for s in (layer.fewbit_stats for layer in alloc.layers) if s is not None]
+
+
+def test_adaptive_l3_fullgraph_matches_eager_and_reallocates() -> None:
+    """L3 (adaptive bits, interval 1, budget 3 bits) compiles with no graph break. The statistics
+    come from the traced backward through each layer's probe gradient, not from host reads
+    in forward: after one step they equal eager's (same seed: same codes, same gradients;
+    the range mean is summed in another order, fp32, over at most ROWS groups per layer: rel
+    1e-5). Eager counts the step at the next forward and re-allocates there; compiled counts
+    at the end of backward: either way the second forward runs the bits allocated from step
+    1's statistics, so step 2 is bitwise eager's too."""
+    # a 3-bit budget: 2-bit start, so the allocation (1, 2, 4 or 8 per layer) must change some
+    eager_model = fewbit.QModule(_mlp(), level="L3", avg_bits=3.0)
+    compiled_model = fewbit.QModule(_mlp(), level="L3", avg_bits=3.0)
+    for m in (eager_model, compiled_model):
+        alloc = fewbit.levels.get_allocator(m)
+        assert alloc is not None
+        alloc.interval = 1
+    x = torch.randn(ROWS, IN, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    eager = _step(eager_model, eager_model, x)
+    got = _step(compiled, compiled_model, x)
+    assert torch.equal(got[0], eager[0])
+    for g, r in zip(got[1], eager[1]):
+        assert torch.equal(g, r)
+    for (eg, er, en, es), (cg, cr, cn, cs) in zip(_stats(eager_model), _stats(compiled_model)):
+        assert (cn, cs) == (en, es) == (cn, 1)
+        assert cg == pytest.approx(eg, rel=1e-5) and cg > 0
+        assert cr == pytest.approx(er, rel=1e-5) and cr > 0
+    compiled_alloc = fewbit.levels.get_allocator(compiled_model)
+    eager_alloc = fewbit.levels.get_allocator(eager_model)
+    assert compiled_alloc is not None and eager_alloc is not None
+    assert compiled_alloc.allocations == 1  # at the end of the first backward
+    eager2 = _step(eager_model, eager_model, x)  # eager re-allocates before this forward
+    assert eager_alloc.allocations == 1
+    bits = [layer.bits for layer in eager_alloc.layers]
+    assert [layer.bits for layer in compiled_alloc.layers] == bits
+    assert bits != [2] * len(bits), "the allocation changed nothing: the test shows nothing"
+    got2 = _step(compiled, compiled_model, x)  # new bits: recompiles, still one graph
+    for g, r in zip(got2[1], eager2[1]):
+        assert torch.equal(g, r)
+
+
+def test_adaptive_probe_follows_the_layer() -> None:
+    """The probe (not a parameter or buffer) moves with the layer, so a model converted on the
+    meta device and materialised with ``to_empty`` still takes the traced path (which needs
+    the probe on the input's device)."""
+    with torch.device("meta"):
+        model = fewbit.QModule(_mlp(), level="L3")
+    alloc = fewbit.levels.get_allocator(model)
+    assert alloc is not None
+    assert all(layer.fewbit_stats.probe.device.type == "meta" for layer in alloc.layers)
+    model.to_empty(device="cpu")
+    for layer in alloc.layers:
+        probe = layer.fewbit_stats.probe
+        assert probe.device.type == "cpu" and probe.is_leaf and probe.requires_grad
+        assert layer._traceable_training(torch.zeros(1, layer.weight.shape[-1]))
