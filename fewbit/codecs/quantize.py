@@ -37,6 +37,14 @@ Paths (one format, interchangeable: each path dequantizes the others' output)
 * CUDA, when :func:`fewbit.kernels.use_kernel` says so and the layout allows it
   (:func:`fewbit.kernels.quantize.supports`): the Triton kernels, one pass each way; noise
   from Philox keyed by the seed.
+* CPU, float16/bfloat16/float32/float64: the native C passes (:mod:`fewbit.codecs.native`,
+  compiled at first use; ``FEWBIT_NATIVE=0`` or ``FEWBIT_COMPILE=0`` or no C compiler: the
+  torch path below), one pass per direction over each group, no transient memory beyond the
+  outputs, group ranges in up to ``torch.get_num_threads()`` threads (results independent of
+  the thread count). Same bytes and bitwise the same dequantized values as the torch path,
+  with one exception: a group whose minimum (or maximum) is both +0.0 and -0.0 may store
+  the other zero in ``lo`` (or ``scale``), as torch's own vectorized ``amin``/``amax`` pick
+  by lane order; its dequantized values are equal as numbers (a zero's sign may differ).
 * Otherwise PyTorch ops. On the CPU, tensors of at least ``_FUSED_MIN`` elements whose rows
   are whole groups go through the fused codec (:mod:`fewbit.codecs.fused`: compiled at first
   use, ``FEWBIT_COMPILE=0`` for eager), the rest through eager blocks of ``_CHUNK`` elements;
@@ -550,6 +558,8 @@ def _native_quantize(
     """(packed, lo, scale) of CPU ``x`` in one native pass per group, the same bytes as the
     torch path (same noise: ``key`` is :func:`_seed_key` of the seed); None when the native
     library does not apply. Transient memory: none beyond the outputs."""
+    if bits not in QUANT_BITS or not 1 <= group_size <= MAX_GROUP_SIZE:
+        return None  # the C buffers hold one group of at most MAX_GROUP_SIZE elements
     lib = _native_lib(x, x.dtype)
     if lib is None:
         return None
@@ -580,7 +590,9 @@ def _native_dequantize(
 ) -> Optional[Tensor]:  # fmt: skip
     """``lo + code * scale`` (contiguous, ``dtype``) in one native pass, bitwise equal to
     the torch path; None when the native library does not apply."""
-    if lo.dtype not in (torch.float16, torch.bfloat16):
+    if lo.dtype not in (torch.float16, torch.bfloat16) or bits not in QUANT_BITS:
+        return None
+    if not 1 <= group_size <= MAX_GROUP_SIZE:
         return None
     lib = _native_lib(packed, dtype)
     if lib is None:
