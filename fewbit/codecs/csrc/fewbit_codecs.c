@@ -355,36 +355,49 @@ static inline void pack_or(const uint8_t *codes, int64_t m, int64_t e0, int bits
 typedef float fb_v8f __attribute__((vector_size(32)));
 typedef int32_t fb_v8i __attribute__((vector_size(32)));
 
-static inline int group_range(const float *buf, int64_t m, float *mn_out, float *mx_out) {
-    fb_v8f mn8, mx8;
-    fb_v8i ok8;
-    for (int t = 0; t < 8; t++) {
-        mn8[t] = buf[0];
-        mx8[t] = buf[0];
-        ok8[t] = -1;
-    }
+/* one 8-lane step of the running min / max / all-finite of group_range */
+static inline void range_step(const float *p, fb_v8f *mn8, fb_v8f *mx8, fb_v8i *ok8) {
     const fb_v8i absmask = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
                             0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
     const fb_v8i maxfin = {0x7f7fffff, 0x7f7fffff, 0x7f7fffff, 0x7f7fffff,
                            0x7f7fffff, 0x7f7fffff, 0x7f7fffff, 0x7f7fffff};
-    int64_t full = m & ~(int64_t)7;
-    for (int64_t k = 0; k < full; k += 8) {
-        fb_v8f v;
-        memcpy(&v, buf + k, sizeof v);
-        fb_v8i vi = (fb_v8i)v;
-        fb_v8i lt = v < mn8, gt = v > mx8;
-        mn8 = (fb_v8f)((vi & lt) | ((fb_v8i)mn8 & ~lt));
-        mx8 = (fb_v8f)((vi & gt) | ((fb_v8i)mx8 & ~gt));
-        ok8 &= (vi & absmask) <= maxfin;
+    fb_v8f v;
+    memcpy(&v, p, sizeof v);
+    fb_v8i vi = (fb_v8i)v;
+    fb_v8i lt = v < *mn8, gt = v > *mx8;
+    *mn8 = (fb_v8f)((vi & lt) | ((fb_v8i)*mn8 & ~lt));
+    *mx8 = (fb_v8f)((vi & gt) | ((fb_v8i)*mx8 & ~gt));
+    *ok8 &= (vi & absmask) <= maxfin;
+}
+
+/* min and max of m >= 1 floats (lane-wise: 4 independent sets of 8 lanes, then across;
+ * vectorizable); returns whether all are finite. Which zero a {+0, -0} minimum returns
+ * depends on the lanes (as in torch's vectorized amin, whose choice depends on its own). */
+static inline int group_range(const float *buf, int64_t m, float *mn_out, float *mx_out) {
+    fb_v8f mn8[4], mx8[4];
+    fb_v8i ok8[4];
+    for (int j = 0; j < 4; j++) {
+        for (int t = 0; t < 8; t++) {
+            mn8[j][t] = buf[0];
+            mx8[j][t] = buf[0];
+            ok8[j][t] = -1;
+        }
     }
-    float mn = mn8[0], mx = mx8[0];
-    int ok = ok8[0] != 0;
-    for (int t = 1; t < 8; t++) {
-        mn = mn8[t] < mn ? mn8[t] : mn;
-        mx = mx8[t] > mx ? mx8[t] : mx;
-        ok &= ok8[t] != 0;
+    int64_t full32 = m & ~(int64_t)31, full8 = m & ~(int64_t)7;
+    for (int64_t k = 0; k < full32; k += 32) {
+        for (int j = 0; j < 4; j++) range_step(buf + k + 8 * j, &mn8[j], &mx8[j], &ok8[j]);
     }
-    for (int64_t k = full; k < m; k++) {
+    for (int64_t k = full32; k < full8; k += 8) range_step(buf + k, &mn8[0], &mx8[0], &ok8[0]);
+    float mn = buf[0], mx = buf[0];
+    int ok = 1;
+    for (int j = 0; j < 4; j++) {
+        for (int t = 0; t < 8; t++) {
+            mn = mn8[j][t] < mn ? mn8[j][t] : mn;
+            mx = mx8[j][t] > mx ? mx8[j][t] : mx;
+            ok &= ok8[j][t] != 0;
+        }
+    }
+    for (int64_t k = full8; k < m; k++) {
         float v = buf[k];
         mn = v < mn ? v : mn;
         mx = v > mx ? v : mx;
