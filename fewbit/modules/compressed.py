@@ -19,13 +19,16 @@ Composes with the rest of PyTorch as the layer it replaces:
 * ``torch.autocast``: the input is cast as autocast casts it for the layer's op (linear and
   convolutions to the autocast dtype; on CUDA LayerNorm/GroupNorm/Softmax to float32), so
   the tensor the op saves is the one compressed, and outputs have torch's dtype.
-* ``torch.compile``: inference traces as torch's layer. In training, Linear and LayerNorm
-  trace as one autograd Function each (:class:`_TracedQuantLinear`,
-  :class:`_TracedQuantLayerNorm`: no graph break, adaptive statistics included, offload
-  skipped where it does nothing, i.e. off CUDA); the other layers, autocast, and offload of
-  CUDA tensors run their training forward eagerly between compiled graphs (one graph break
-  per layer: saved-tensor hooks are not traceable), with the saved activation quantized and
-  strides preserved.
+* ``torch.compile``: inference traces as torch's layer. In training, Linear, LayerNorm,
+  the convolutions (plain and transposed, zero padding given as numbers, contiguous batched
+  input), BatchNorm with batch statistics (not SyncBatchNorm; ``momentum`` set), GroupNorm
+  and Softmax (``dim`` set) trace as one autograd Function each (:class:`_TracedQuantLinear`
+  and its siblings: no graph break, same record and seed as eager, adaptive statistics
+  included, offload skipped where it does nothing, i.e. off CUDA); other cases (eval-mode
+  BatchNorm with gradients, ``padding_mode`` other than zeros, channels-last input, an
+  ``output_size`` argument), autocast, and offload of CUDA tensors run their training
+  forward eagerly between compiled graphs (one graph break per layer: saved-tensor hooks
+  are not traceable), with the saved activation quantized and strides preserved.
 * Activation checkpointing (``torch.utils.checkpoint`` with ``use_reentrant=False``, or
   :func:`fewbit.checkpoint.checkpoint`): inside a checkpoint region the layer runs as plain
   torch (the region keeps nothing for backward; compressing would make the checkpoint keep
@@ -476,6 +479,128 @@ class _TracedQuantLayerNorm(torch.autograd.Function):
         return grad_input, None, grad_weight, grad_bias, None, None, None, probe
 
 
+class _TracedQuantConv(torch.autograd.Function):
+    """``aten.convolution`` (any dimension, plain or transposed) saving its input quantized,
+    traceable by torch.compile (see :class:`_TracedQuantLinear`). Saves what the eager layer
+    keeps: the quantized input and the weight. Backward is ``aten.convolution_backward`` on
+    the dequantized input with the layer's stride/padding/dilation/groups/output_padding, the
+    op autograd runs for the eager layer."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, input: Tensor, weight: Tensor, bias: Optional[Tensor], conv: tuple[Any, ...],
+        bits: int, group_size: int, probe: Optional[Tensor] = None,
+    ) -> Tensor:  # fmt: skip
+        out = torch.ops.aten.convolution(input, weight, bias, *conv)
+        packed, lo, scale = _quantize_saved(ctx, input, bits, group_size)
+        ctx.save_for_backward(packed, lo, scale, weight)
+        ctx.conv = conv
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        packed, lo, scale, weight = ctx.saved_tensors
+        x = _dequantize_saved(ctx, packed, lo, scale)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
+        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, x, weight, ctx.bias_sizes, *ctx.conv, mask
+        )
+        probe = _probe_grad(ctx, grad, scale, 6)
+        return grad_input, grad_weight, grad_bias, None, None, None, probe
+
+
+class _TracedQuantBatchNorm(torch.autograd.Function):
+    """``native_batch_norm`` in training mode (batch statistics; running statistics updated
+    in place as torch does) saving its input quantized, traceable by torch.compile (see
+    :class:`_TracedQuantLinear`). Saves what the eager layer keeps: the quantized input, the
+    per-channel batch mean and inverse std (exact) and the weight. Backward is
+    ``native_batch_norm_backward`` on the dequantized input."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+        running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+        eps: float, bits: int, group_size: int, probe: Optional[Tensor] = None,
+    ) -> Tensor:  # fmt: skip
+        out, mean, invstd = torch.native_batch_norm(
+            input, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        packed, lo, scale = _quantize_saved(ctx, input, bits, group_size)
+        ctx.save_for_backward(packed, lo, scale, mean, invstd, weight)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        packed, lo, scale, mean, invstd, weight = ctx.saved_tensors
+        x = _dequantize_saved(ctx, packed, lo, scale)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, ctx.eps, mask
+        )
+        probe = _probe_grad(ctx, grad, scale, 9)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, probe
+
+
+class _TracedQuantGroupNorm(torch.autograd.Function):
+    """``native_group_norm`` saving its input quantized, traceable by torch.compile (see
+    :class:`_TracedQuantLinear`). Saves what the eager layer keeps: the quantized input, the
+    per-(sample, group) mean and reciprocal std (exact) and the weight. Backward is
+    ``native_group_norm_backward`` on the dequantized input."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, input: Tensor, num_groups: int, weight: Optional[Tensor],
+        bias: Optional[Tensor], eps: float, bits: int, group_size: int,
+        probe: Optional[Tensor] = None,
+    ) -> Tensor:  # fmt: skip
+        n, c = input.shape[0], input.shape[1]
+        hxw = math.prod(input.shape[2:])
+        out, mean, rstd = torch.native_group_norm(input, weight, bias, n, c, hxw, num_groups, eps)
+        packed, lo, scale = _quantize_saved(ctx, input, bits, group_size)
+        ctx.save_for_backward(packed, lo, scale, mean, rstd, weight)
+        ctx.sizes = (n, c, hxw, num_groups)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        packed, lo, scale, mean, rstd, weight = ctx.saved_tensors
+        x = _dequantize_saved(ctx, packed, lo, scale)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+        grad_input, grad_weight, grad_bias = torch.ops.aten.native_group_norm_backward(
+            grad, x, mean, rstd, weight, *ctx.sizes, mask
+        )
+        probe = _probe_grad(ctx, grad, scale, 7)
+        return grad_input, None, grad_weight, grad_bias, None, None, None, probe
+
+
+class _TracedQuantSoftmax(torch.autograd.Function):
+    """``softmax`` saving its OUTPUT quantized (what the eager layer keeps), traceable by
+    torch.compile (see :class:`_TracedQuantLinear`). Backward is ``_softmax_backward_data``
+    on the dequantized output."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, input: Tensor, dim: int, bits: int, group_size: int,
+        probe: Optional[Tensor] = None,
+    ) -> Tensor:  # fmt: skip
+        out = torch._softmax(input, dim, False)
+        packed, lo, scale = _quantize_saved(ctx, out, bits, group_size)
+        ctx.save_for_backward(packed, lo, scale)
+        ctx.dim = dim
+        ctx.input_dtype = input.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        packed, lo, scale = ctx.saved_tensors
+        y = _dequantize_saved(ctx, packed, lo, scale)
+        grad_input = torch.ops.aten._softmax_backward_data(grad, y, ctx.dim, ctx.input_dtype)
+        return grad_input, None, None, None, _probe_grad(ctx, grad, scale, 4)
+
+
 class CompressedLayer(nn.Module):
     """Mixin (listed first among the bases) of the quantizing layers.
 
@@ -549,28 +674,93 @@ class CompressedLayer(nn.Module):
         )
         if not grads:
             return fn(input, *args, **kwargs)
-        if torch.compiler.is_compiling() and self._traceable_training(input):
-            stats = self.fewbit_stats
-            probe = stats.probe if stats is not None and self.training else None
-            if isinstance(self, nn.LayerNorm):
-                return _TracedQuantLayerNorm.apply(
-                    input, tuple(self.normalized_shape), self.weight, self.bias, self.eps,
-                    self.bits, self.group_size, probe,
-                )  # fmt: skip
-            assert isinstance(self, nn.Linear)
-            return _TracedQuantLinear.apply(
-                input, self.weight, self.bias, self.bits, self.group_size, probe
-            )
+        if (
+            torch.compiler.is_compiling()
+            and not args
+            and not kwargs
+            and self._traceable_training(input)
+        ):
+            return self._traced_training(input)
         return self._compressed_training(fn, input, *args, **kwargs)
 
+    def _traced_training(self, input: Tensor) -> Tensor:
+        """The training forward under torch.compile: this layer's traced Function."""
+        stats = self.fewbit_stats
+        probe = stats.probe if stats is not None and self.training else None
+        quant = (self.bits, self.group_size, probe)
+        if isinstance(self, nn.LayerNorm):
+            return _TracedQuantLayerNorm.apply(
+                input, tuple(self.normalized_shape), self.weight, self.bias, self.eps, *quant
+            )
+        if isinstance(self, nn.modules.conv._ConvNd):
+            conv = (list(self.stride), list(self.padding), list(self.dilation),
+                    self.transposed, list(self.output_padding), self.groups)
+            return _TracedQuantConv.apply(input, self.weight, self.bias, conv, *quant)
+        if isinstance(self, nn.modules.batchnorm._BatchNorm):
+            return self._traced_batch_norm(input, quant)
+        if isinstance(self, nn.GroupNorm):
+            return _TracedQuantGroupNorm.apply(
+                input, self.num_groups, self.weight, self.bias, self.eps, *quant
+            )
+        if isinstance(self, nn.Softmax):
+            return _TracedQuantSoftmax.apply(input, self.dim, *quant)
+        assert isinstance(self, nn.Linear)
+        return _TracedQuantLinear.apply(input, self.weight, self.bias, *quant)
+
+    def _traced_batch_norm(self, input: Tensor, quant: tuple[Any, ...]) -> Tensor:
+        """``nn.BatchNorm*.forward`` with batch statistics (see :meth:`_traceable_training`)
+        through :class:`_TracedQuantBatchNorm`: the same input check, step count and
+        running-statistics update as torch's."""
+        assert isinstance(self, nn.modules.batchnorm._BatchNorm)
+        self._check_input_dim(input)
+        tracking = self.training and self.track_running_stats
+        if tracking and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        keep = not self.training or self.track_running_stats
+        running_mean = self.running_mean if keep else None
+        running_var = self.running_var if keep else None
+        return _TracedQuantBatchNorm.apply(
+            input, self.weight, self.bias, running_mean, running_var, self.momentum,
+            self.eps, *quant,
+        )  # fmt: skip
+
+    def _traceable_layer(self, input: Tensor) -> bool:
+        """Whether this layer has a traced Function for this call: Linear, LayerNorm; a
+        convolution with zero padding given as numbers (not "same"/"valid", which torch pads
+        itself) on a batched contiguous input (eager encodes other layouts in memory order);
+        BatchNorm (not SyncBatchNorm) using batch statistics with a fixed ``momentum``
+        (eval mode with running statistics stays eager); GroupNorm; Softmax with ``dim``."""
+        if isinstance(self, (nn.Linear, nn.LayerNorm, nn.GroupNorm)):
+            return True
+        if isinstance(self, nn.modules.conv._ConvNd):
+            return (
+                self.padding_mode == "zeros"
+                and not isinstance(self.padding, str)
+                and input.dim() == self.weight.dim()
+                and input.is_contiguous()
+            )
+        if isinstance(self, nn.modules.batchnorm._BatchNorm):
+            batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+            return (
+                not isinstance(self, nn.SyncBatchNorm)
+                and batch_stats
+                and self.momentum is not None
+            )
+        if isinstance(self, nn.Softmax):
+            return self.dim is not None
+        return False
+
     def _traceable_training(self, input: Tensor) -> bool:
-        """Whether torch.compile can trace this call through :class:`_TracedQuantLinear` or
-        :class:`_TracedQuantLayerNorm` (no graph break): a Linear or LayerNorm, autocast off,
-        no offload of a CUDA tensor (on other devices offload does nothing), adaptive
-        statistics (if any) with their probe on the input's device."""
+        """Whether torch.compile can trace this call through a traced Function
+        (:class:`_TracedQuantLinear`, :class:`_TracedQuantLayerNorm`,
+        :class:`_TracedQuantConv`, :class:`_TracedQuantBatchNorm`,
+        :class:`_TracedQuantGroupNorm`, :class:`_TracedQuantSoftmax`; no graph break): a layer
+        and call :meth:`_traceable_layer` accepts, autocast off, no offload of a CUDA tensor
+        (on other devices offload does nothing), adaptive statistics (if any) with their
+        probe on the input's device."""
         stats = self.fewbit_stats
         return (
-            isinstance(self, (nn.Linear, nn.LayerNorm))
+            self._traceable_layer(input)
             and input.is_floating_point()
             and autocast_dtype(input.device.type) is None
             and not (self.offload and input.is_cuda)
