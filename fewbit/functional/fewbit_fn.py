@@ -13,7 +13,7 @@ and packing; their output is within a few ulp of torch's rather than bit-identic
 On the CPU (contiguous float16/bfloat16/float32/float64, boundary tables) encode + pack + the
 per-chunk count of non-finite inputs is one native pass, and backward's unpack + lookup +
 multiply another (:mod:`fewbit.codecs.native`: C compiled at first use, split over
-``torch.get_num_threads()`` threads for tensors of 2M elements and more); the bytes and
+``torch.get_num_threads()`` threads for tensors of 16M elements and more); the bytes and
 gradients are the torch path's. Without a C compiler, or with ``FEWBIT_COMPILE=0`` /
 ``FEWBIT_NATIVE=0``, the torch-op path below runs (same results, about 10x slower).
 
@@ -500,8 +500,11 @@ def _native_grad_times_levels(
     return True
 
 
-# Elements per worker thread below which a native pass runs in one thread.
-_PER_THREAD = 1 << 20
+# Elements per worker thread below which a native pass runs in one thread. Measured on 2 cores:
+# Python worker threads started right after torch's OpenMP regions compete with its spinning
+# threads (the group quantizer's 2 workers took 3x one worker's time at 0.5M elements), so
+# threads pay off only on large tensors.
+_PER_THREAD = 1 << 23
 
 
 def _split(chunks: int, n: int) -> list[tuple[int, int]]:
