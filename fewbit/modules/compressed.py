@@ -24,9 +24,11 @@ Composes with the rest of PyTorch as the layer it replaces:
   input), BatchNorm with batch statistics (not SyncBatchNorm; ``momentum`` set), GroupNorm
   and Softmax (``dim`` set) trace as one autograd Function each (:class:`_TracedQuantLinear`
   and its siblings: no graph break, same record and seed as eager, adaptive statistics
-  included, offload skipped where it does nothing, i.e. off CUDA); other cases (eval-mode
+  included, offload skipped where it does nothing, i.e. off CUDA; under autocast the
+  arguments are cast as autocast casts them and the Function runs with autocast off);
+  other cases (eval-mode
   BatchNorm with gradients, ``padding_mode`` other than zeros, channels-last input, an
-  ``output_size`` argument), autocast, and offload of CUDA tensors run their training
+  ``output_size`` argument) and offload of CUDA tensors run their training
   forward eagerly between compiled graphs (one graph break per layer: saved-tensor hooks
   are not traceable), with the saved activation quantized and strides preserved.
 * Activation checkpointing (``torch.utils.checkpoint`` with ``use_reentrant=False``, or
@@ -312,13 +314,25 @@ AUTOCAST_POLICIES = ("low", "fp32_cuda", "none")
 
 def _autocast_input(input: Tensor, policy: str) -> Tensor:
     """``input`` cast as autocast would cast it for an op of ``policy`` (see the table)."""
-    device_type = input.device.type
+    return _autocast_cast(input, policy, input.device.type)  # type: ignore[return-value]
+
+
+def _autocast_cast(t: Optional[Tensor], policy: str, device_type: str) -> Optional[Tensor]:
+    """``t`` (an argument of an op running on ``device_type``; None passes) cast as autocast
+    casts the op's floating arguments for ``policy``: floating tensors of that device type
+    other than float64 go to autocast's dtype ("low") or to float32 ("fp32_cuda" on CUDA)."""
     low = autocast_dtype(device_type) if policy != "none" else None
-    if low is None or not input.is_floating_point() or input.dtype == torch.float64:
-        return input  # autocast off, or a tensor autocast leaves alone
+    if (
+        t is None
+        or low is None
+        or t.device.type != device_type
+        or not t.is_floating_point()
+        or t.dtype == torch.float64
+    ):
+        return t  # autocast off, or a tensor autocast leaves alone
     if policy == "low":
-        return input.to(low)
-    return input.float() if device_type == "cuda" else input
+        return t.to(low)
+    return t.float() if device_type == "cuda" else t
 
 
 class _LayerSaver:
@@ -684,30 +698,51 @@ class CompressedLayer(nn.Module):
         return self._compressed_training(fn, input, *args, **kwargs)
 
     def _traced_training(self, input: Tensor) -> Tensor:
-        """The training forward under torch.compile: this layer's traced Function."""
+        """The training forward under torch.compile: this layer's traced Function.
+
+        Under autocast it does what autocast does to the torch op (the eager path's cast,
+        :func:`_autocast_input`): input, weight and bias are cast as the layer's
+        :data:`AUTOCAST_POLICIES` entry says (autograd records the casts, so the parameters'
+        gradients come back in their own dtype), then the Function runs with autocast off
+        on the input's device type, so it computes and saves exactly what eager does."""
         stats = self.fewbit_stats
         probe = stats.probe if stats is not None and self.training else None
         quant = (self.bits, self.group_size, probe)
+        device_type = input.device.type
+        weight: Optional[Tensor] = getattr(self, "weight", None)  # Softmax has none
+        bias: Optional[Tensor] = getattr(self, "bias", None)
+        if autocast_dtype(device_type) is None:
+            return self._traced_apply(input, weight, bias, quant)
+        policy = self.layer_spec().autocast
+        input = _autocast_input(input, policy)
+        weight = _autocast_cast(weight, policy, device_type)
+        bias = _autocast_cast(bias, policy, device_type)
+        with torch.autocast(device_type, enabled=False):
+            return self._traced_apply(input, weight, bias, quant)
+
+    def _traced_apply(self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      quant: tuple[Any, ...]) -> Tensor:
+        """This layer's traced Function on ``input`` with these (possibly cast) parameters."""
         if isinstance(self, nn.LayerNorm):
             return _TracedQuantLayerNorm.apply(
-                input, tuple(self.normalized_shape), self.weight, self.bias, self.eps, *quant
+                input, tuple(self.normalized_shape), weight, bias, self.eps, *quant
             )
         if isinstance(self, nn.modules.conv._ConvNd):
             conv = (list(self.stride), list(self.padding), list(self.dilation),
                     self.transposed, list(self.output_padding), self.groups)
-            return _TracedQuantConv.apply(input, self.weight, self.bias, conv, *quant)
+            return _TracedQuantConv.apply(input, weight, bias, conv, *quant)
         if isinstance(self, nn.modules.batchnorm._BatchNorm):
-            return self._traced_batch_norm(input, quant)
+            return self._traced_batch_norm(input, weight, bias, quant)
         if isinstance(self, nn.GroupNorm):
-            return _TracedQuantGroupNorm.apply(
-                input, self.num_groups, self.weight, self.bias, self.eps, *quant
-            )
+            return _TracedQuantGroupNorm.apply(input, self.num_groups, weight, bias, self.eps,
+                                               *quant)
         if isinstance(self, nn.Softmax):
             return _TracedQuantSoftmax.apply(input, self.dim, *quant)
         assert isinstance(self, nn.Linear)
-        return _TracedQuantLinear.apply(input, self.weight, self.bias, *quant)
+        return _TracedQuantLinear.apply(input, weight, bias, *quant)
 
-    def _traced_batch_norm(self, input: Tensor, quant: tuple[Any, ...]) -> Tensor:
+    def _traced_batch_norm(self, input: Tensor, weight: Optional[Tensor],
+                           bias: Optional[Tensor], quant: tuple[Any, ...]) -> Tensor:
         """``nn.BatchNorm*.forward`` with batch statistics (see :meth:`_traceable_training`)
         through :class:`_TracedQuantBatchNorm`: the same input check, step count and
         running-statistics update as torch's."""
@@ -720,7 +755,7 @@ class CompressedLayer(nn.Module):
         running_mean = self.running_mean if keep else None
         running_var = self.running_var if keep else None
         return _TracedQuantBatchNorm.apply(
-            input, self.weight, self.bias, running_mean, running_var, self.momentum,
+            input, weight, bias, running_mean, running_var, self.momentum,
             self.eps, *quant,
         )  # fmt: skip
 
@@ -755,14 +790,13 @@ class CompressedLayer(nn.Module):
         (:class:`_TracedQuantLinear`, :class:`_TracedQuantLayerNorm`,
         :class:`_TracedQuantConv`, :class:`_TracedQuantBatchNorm`,
         :class:`_TracedQuantGroupNorm`, :class:`_TracedQuantSoftmax`; no graph break): a layer
-        and call :meth:`_traceable_layer` accepts, autocast off, no offload of a CUDA tensor
-        (on other devices offload does nothing), adaptive statistics (if any) with their
-        probe on the input's device."""
+        and call :meth:`_traceable_layer` accepts (with or without autocast, see
+        :meth:`_traced_training`), no offload of a CUDA tensor (on other devices offload
+        does nothing), adaptive statistics (if any) with their probe on the input's device."""
         stats = self.fewbit_stats
         return (
             self._traceable_layer(input)
             and input.is_floating_point()
-            and autocast_dtype(input.device.type) is None
             and not (self.offload and input.is_cuda)
             and (stats is None or (stats.probe is not None and stats.probe.device == input.device))
         )

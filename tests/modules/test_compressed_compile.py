@@ -282,3 +282,39 @@ def test_compiled_layer_matches_eager_and_keeps_the_same_bytes(kind: str) -> Non
     assert compiled_bytes == eager_bytes
     saved = eager[0] if kind == "Softmax" else x  # Softmax keeps its output
     assert compiled_bytes < saved.numel() * 4 / 2
+
+
+# --- autocast -----------------------------------------------------------------------------------
+
+
+def test_qmodule_mlp_fullgraph_under_autocast_matches_eager_bitwise() -> None:
+    """Under ``torch.autocast("cpu", torch.bfloat16)`` the traced Functions cast as autocast
+    does (Linear: input, weight and bias to bf16; LayerNorm: nothing on the CPU) and run with
+    autocast off: no graph break, and one step is bitwise eager's (output in torch's dtype,
+    every gradient in its parameter's dtype)."""
+    eager_model = fewbit.QModule(_mlp(), level="L2")
+    compiled_model = fewbit.QModule(_mlp(), level="L2")
+    x = torch.randn(ROWS, IN, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+
+    def in_autocast(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        def forward(t: Tensor) -> Tensor:
+            with torch.autocast("cpu", torch.bfloat16):
+                return model(t)
+        return forward
+
+    eager = _step(in_autocast(eager_model), eager_model, x)
+    got = _step(in_autocast(compiled), compiled_model, x)
+    with torch.autocast("cpu", torch.bfloat16):
+        reference = _mlp()(x)
+    assert got[0].dtype == eager[0].dtype == reference.dtype == torch.bfloat16
+    assert torch.equal(got[0], eager[0]), "forward differs from eager"
+    for g, r, p in zip(got[1], eager[1], list(compiled_model.parameters()) + [x]):
+        assert g.dtype == r.dtype == p.dtype
+        assert torch.equal(g, r), f"gradient differs from eager by {(g - r).abs().max():.3g}"
+    # the quantizer ran: the first layer's weight gradient is not autocast's exact one
+    exact = _mlp()
+    _, exact_grads = _step(in_autocast(exact), exact, x)
+    assert not torch.equal(got[1][0], exact_grads[0])
+
