@@ -7,6 +7,9 @@
   overlapping windows, padding, dilation and ``ceil_mode`` behave exactly as in torch.
   Windows of more than 256 elements keep 16-bit (or 32-bit) window offsets;
   ``return_indices=True`` falls back to torch's op (the int64 indices are returned anyway).
+  The offsets are packed by the custom ops ``fewbit::pack_window_offsets`` /
+  ``unpack_window_offsets`` and saved as plain tensors, so ``torch.compile(fullgraph=True)``
+  traces max pooling with no graph break and keeps the same bytes as eager.
 * :func:`avg_pool1d` / :func:`avg_pool2d` / :func:`avg_pool3d` store nothing but the input
   shape (torch keeps the whole input only for its shape); backward is torch's
   ``avg_pool*_backward``.
@@ -24,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ..codecs.protocol import BitPacker, Encoded, Plain
-from .saved import load_encoded, save_encoded
+from ..codecs.bitpack import pack, packed_nbytes, unpack
+from ..codecs.marks import mark_compact
+from ..kernels.policy import use_kernel
 
 __all__ = [
     "avg_pool1d",
@@ -111,18 +115,62 @@ def _decode_offsets(code: Tensor, geom: Geometry) -> Tensor:
     return idx
 
 
-def _store_codes(code: Tensor, bits: int) -> Optional[Encoded]:
+def _store_codes(code: Tensor, bits: int) -> Tuple[Tensor, ...]:
+    """What is saved of the window offsets ``code``: nothing for 1-element windows; up to 8
+    bits, the codes bit-packed in memory order of the logical shape
+    (``ceil(numel * bits / 8)`` bytes, :mod:`fewbit.codecs.bitpack`'s layout, by the custom
+    op :func:`_pack_offsets`); wider, int16 (int32 above 15 bits). Plain tensors, so that
+    torch.compile can trace the save."""
     if bits == 0:
-        return None
-    if bits <= 8:
-        return BitPacker(bits).encode(code)
-    return Plain(code.to(torch.int16 if bits <= 15 else torch.int32))
+        return ()
+    if bits > 8:
+        return (code.to(torch.int16 if bits <= 15 else torch.int32),)
+    return (_pack_offsets(code.detach().reshape(-1), bits),)
 
 
-def _load_codes(stored: Optional[Encoded], shape: Sequence[int], device: torch.device) -> Tensor:
-    if stored is None:
-        return torch.zeros(tuple(shape), dtype=torch.int64, device=device)
-    return stored.decode().to(torch.int64)
+# Packing runs as custom ops: opaque to torch.compile, so a compiled graph keeps exactly the
+# packed bytes (traced as plain torch ops, the partitioner may keep intermediates instead).
+@torch.library.custom_op("fewbit::pack_window_offsets", mutates_args=())
+def _pack_offsets(flat: Tensor, bits: int) -> Tensor:
+    """1-D codes -> ``packed_nbytes(numel, bits)`` uint8 bytes (Triton packer where
+    :func:`fewbit.kernels.use_kernel` says so, the torch one otherwise: same bytes)."""
+    if use_kernel(flat):
+        from ..kernels.bitpack import pack as kernel_pack
+
+        return kernel_pack(flat, bits)
+    return pack(flat, bits)
+
+
+@_pack_offsets.register_fake
+def _(flat: Tensor, bits: int) -> Tensor:
+    return flat.new_empty(packed_nbytes(flat.numel(), bits), dtype=torch.uint8)
+
+
+@torch.library.custom_op("fewbit::unpack_window_offsets", mutates_args=())
+def _unpack_offsets(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of :func:`_pack_offsets`: ``n`` uint8 codes."""
+    if use_kernel(packed):
+        from ..kernels.bitpack import unpack as kernel_unpack
+
+        return kernel_unpack(packed, bits, n)
+    return unpack(packed, bits, n)
+
+
+@_unpack_offsets.register_fake
+def _(packed: Tensor, bits: int, n: int) -> Tensor:
+    return packed.new_empty(n, dtype=torch.uint8)
+
+
+def _load_codes(saved: Tuple[Tensor, ...], bits: int, shape: Sequence[int],
+                device: torch.device) -> Tensor:
+    """The int64 window offsets, ``shape``, from what :func:`_store_codes` saved."""
+    shape = tuple(shape)
+    if bits == 0:
+        return torch.zeros(shape, dtype=torch.int64, device=device)
+    if bits > 8:
+        return saved[0].to(torch.int64)
+    codes = _unpack_offsets(saved[0], bits, math.prod(shape))
+    return codes.reshape(shape).to(torch.int64)
 
 
 _MAXPOOL_FWD = {
@@ -164,15 +212,17 @@ class _MaxPool(torch.autograd.Function):
         ctx.out_shape = out.shape  # type: ignore[attr-defined]
         ctx.channels_last = _channels_last(xin)  # type: ignore[attr-defined]
         ctx.squeeze = dims == 1  # type: ignore[attr-defined]
-        save_encoded(ctx, _store_codes(code, bits))
+        saved = _store_codes(code, bits)
+        if not torch.compiler.is_compiling():  # a trace cannot set Python attributes on tensors
+            saved = tuple(mark_compact(t) for t in saved)  # the generic mode leaves them alone
+        ctx.save_for_backward(*saved)
         return out.squeeze(-2) if dims == 1 else out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        (stored,), _ = load_encoded(ctx)
         op_dims, k, s, p, d, ceil_mode, bits = ctx.args
-        code = _load_codes(stored, ctx.out_shape, grad.device)
+        code = _load_codes(ctx.saved_tensors, bits, ctx.out_shape, grad.device)
         in_spatial = tuple(ctx.in_shape[-op_dims:])
         idx = _decode_offsets(code, (in_spatial, k, s, p, d))
         g = grad.unsqueeze(-2) if ctx.squeeze else grad

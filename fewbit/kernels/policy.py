@@ -10,7 +10,9 @@ unless a :func:`force_kernels` block is active in the current thread/task, which
 the answer for its duration (tests use ``with force_kernels(True):`` to run the kernels on CPU
 tensors under ``TRITON_INTERPRET=1``; ``force_kernels(False)`` forces the PyTorch path).
 The override is a ``contextvars.ContextVar`` token, restored on exit: no global default
-changes. Importing this module does not import triton.
+changes. While torch.compile traces, the override is not read (dynamo cannot trace a
+ContextVar): the device and the environment decide. Importing this module does not import
+triton.
 """
 
 from __future__ import annotations
@@ -41,14 +43,20 @@ def has_triton() -> bool:
 
 
 def use_kernel(t: Union[Tensor, torch.device, str, None]) -> bool:
-    """True when tensors on ``t`` (a tensor or a device) should go to the Triton kernels."""
-    forced = _FORCED.get()
-    if forced is not None:
-        return forced
-    if os.environ.get("FEWBIT_DISABLE_TRITON", "0") == "1":
-        return False
+    """True when tensors on ``t`` (a tensor or a device) should go to the Triton kernels.
+
+    While torch.compile traces, the :func:`force_kernels` override is not read (dynamo
+    cannot trace a ``ContextVar``): the answer then comes from the device and the
+    environment only, and the device is checked first, so a non-CUDA tensor gets False
+    without anything else being read."""
+    if not torch.compiler.is_compiling():
+        forced = _FORCED.get()
+        if forced is not None:
+            return forced
     device = t.device if isinstance(t, Tensor) else t
     if device is None or torch.device(device).type != "cuda":
+        return False
+    if os.environ.get("FEWBIT_DISABLE_TRITON", "0") == "1":
         return False
     return has_triton() and torch.cuda.is_available()
 

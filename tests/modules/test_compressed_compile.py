@@ -164,8 +164,8 @@ CLASSES = 10
 
 def _cnn() -> nn.Module:
     """A small CNN: Conv2d, BatchNorm2d (training: batch statistics, running stats updated),
-    ReLU, pooling, a grouped bias-free Conv2d, Linear. AvgPool2d: fewbit's MaxPool2d does not
-    trace yet (its bit packer reads a ContextVar)."""
+    ReLU, pooling, a grouped bias-free Conv2d, Linear (AvgPool2d here; MaxPool2d in
+    :func:`_cnn_maxpool`)."""
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(2),
@@ -318,3 +318,71 @@ def test_qmodule_mlp_fullgraph_under_autocast_matches_eager_bitwise() -> None:
     _, exact_grads = _step(in_autocast(exact), exact, x)
     assert not torch.equal(got[1][0], exact_grads[0])
 
+
+# --- max pooling --------------------------------------------------------------------------------
+
+
+def _cnn_maxpool() -> nn.Module:
+    """Conv2d, BatchNorm2d, ReLU, MaxPool2d (overlapping 3x3 windows, stride 2, padding 1: 4-bit
+    offsets), Linear."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.MaxPool2d(3, stride=2, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, CLASSES),
+    )  # fmt: skip
+
+
+def test_qmodule_cnn_with_maxpool_fullgraph_matches_eager_bitwise() -> None:
+    """fewbit's MaxPool2d saves its packed window offsets as plain tensors and its kernel
+    policy does not read the force_kernels ContextVar while tracing: the L2 CNN compiles with
+    no graph break and one step is bitwise eager's; eager and compiled keep the same bytes."""
+    eager_model = fewbit.QModule(_cnn_maxpool(), level="L2")
+    compiled_model = fewbit.QModule(_cnn_maxpool(), level="L2")
+    assert isinstance(compiled_model[3], fewbit.modules.compressed.MaxPool2d)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    eager = _step_out(eager_model, eager_model, x)
+    got = _step_out(compiled, compiled_model, x)
+    assert torch.equal(got[0], eager[0]), "forward differs from eager"
+    for g, r in zip(got[1] + got[2], eager[1] + eager[2]):
+        assert torch.equal(g, r), "gradients or buffers differ from eager"
+    exact = _cnn_maxpool()
+    assert not torch.equal(got[1][0], _step_out(exact, exact, x)[1][0])  # the quantizer ran
+    assert _saved_bytes(compiled, compiled_model, x) == _saved_bytes(eager_model, eager_model, x)
+
+
+def test_compiled_maxpool_matches_torch_and_keeps_packed_offsets() -> None:
+    """One fewbit MaxPool2d compiled with fullgraph: output and input gradient bitwise
+    torch's (the offsets are lossless), and what it keeps is the 4-bit offsets of a 3x3
+    window, ``ceil(numel_out * 4 / 8)`` bytes, in eager and compiled alike."""
+    pool = fewbit.modules.compressed.MaxPool2d(3, stride=2, padding=1)
+    x = torch.randn(2, 4, 9, 9, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    compiled = torch.compile(pool, fullgraph=True, backend="aot_eager")
+    outs = []
+    for forward in (compiled, nn.MaxPool2d(3, stride=2, padding=1)):
+        xi = x.clone().requires_grad_(True)
+        y = forward(xi)
+        (y * torch.linspace(-1.0, 1.0, y.shape[-1])).square().sum().backward()
+        outs.append((y.detach(), xi.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    expected = (2 * 4 * 5 * 5 * 4 + 7) // 8
+    assert _saved_bytes(compiled, pool, x) == _saved_bytes(pool, pool, x) == expected
+
+
+def test_kernel_policy_traces_from_the_device_alone() -> None:
+    """``use_kernel`` under torch.compile(fullgraph=True): no graph break, and the
+    force_kernels override (a ContextVar dynamo cannot trace) is not read: the device decides
+    (a CPU tensor: the torch path), while eager inside the block still follows the override."""
+    from fewbit.kernels import force_kernels, use_kernel
+
+    def tagged(t: Tensor) -> Tensor:
+        return t + 1 if use_kernel(t) else t - 1
+
+    x = torch.zeros(4)
+    torch._dynamo.reset()
+    compiled = torch.compile(tagged, fullgraph=True, backend="eager")
+    with force_kernels(True):
+        assert torch.equal(tagged(x), x + 1)
+        assert torch.equal(compiled(x), x - 1)
