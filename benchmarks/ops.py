@@ -83,15 +83,10 @@ def median_s(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
 
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes allocated while ``fn()`` runs, above what was allocated before."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from fewbit.profile import cpu_profiler_peak
+    from fewbit.profile.peak import cpu_profiler_peak, cuda_peak
 
+    if device.type == "cuda":
+        return cuda_peak(fn, device)[1]
     return cpu_profiler_peak(fn)
 
 

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["cpu_profiler_peak", "rss_step_peak"]
+__all__ = ["cpu_profiler_peak", "cuda_peak", "rss_step_peak"]
 
 
 def _allocation_events(prof: torch.profiler.profile) -> list[tuple[int, int]]:
@@ -63,3 +63,14 @@ def rss_step_peak(fn: Callable[[], Any]) -> int:
     before = _status_kib("VmRSS")
     fn()
     return max(0, _status_kib("VmHWM") - before) * 1024
+
+
+def cuda_peak(fn: Callable[[], Any], device: torch.device) -> tuple[int, int]:
+    """(bytes allocated on CUDA ``device`` before ``fn()``, peak allocated during it above
+    them), from the caching allocator's counters (synchronized before and after)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return base, torch.cuda.max_memory_allocated(device) - base

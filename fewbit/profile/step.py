@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .peak import cpu_profiler_peak
+from .peak import cpu_profiler_peak, cuda_peak
 from .saved import SavedTensorLog, saved_by_node
 from .storage import _unique_nbytes, format_bytes
 
@@ -205,12 +205,7 @@ def _sync(device: torch.device) -> None:
 def _measure_peak(step: TrainStep, device: torch.device, held: int) -> tuple[int, int, str]:
     """(held bytes, step peak above them, method); CUDA reads its allocator's counters."""
     if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
+        base, peak = cuda_peak(step, device)
         return base, peak, "cuda max_memory_allocated"
     return held, cpu_profiler_peak(step), "torch.profiler"
 
