@@ -1,6 +1,7 @@
 """Native CPU codecs: a small C file compiled at first use, called through ctypes.
 
-``csrc/fewbit_codecs.c`` (plain C, no torch headers) makes one pass per direction for the
+``csrc/*.c`` (plain C, no torch headers; ``activations.c``, ``quantize.c`` and the shared
+``float_bits.h``) make one pass per direction for the
 few-bit activations: encode + pack + per-chunk count of non-finite inputs, and unpack + level
 lookup + multiply; for 1-bit masks (computed by torch), packing and the non-finite counts;
 for the group quantizer (:mod:`fewbit.codecs.quantize`), quantize + pack and unpack +
@@ -33,9 +34,11 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["library", "native_enabled", "SOURCE"]
+__all__ = ["library", "native_enabled", "SOURCES"]
 
-SOURCE = Path(__file__).with_name("csrc") / "fewbit_codecs.c"
+CSRC = Path(__file__).with_name("csrc")
+# Compiled together into one library; headers in CSRC are part of the cache key.
+SOURCES = (CSRC / "activations.c", CSRC / "quantize.c")
 _FLAGS = ("-O3", "-fPIC", "-shared", "-std=c99", "-ffp-contract=off", "-fno-math-errno")
 # Compiler used when $CC is unset (tests point it at a missing program to check the fallback).
 COMPILER = "cc"
@@ -97,8 +100,11 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str) -> Path:
     """Compile the source into the cache (once per source hash) and return the .so path."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(" ".join(_FLAGS).encode())
+    for path in sorted(CSRC.iterdir()):
+        if path.suffix in (".c", ".h"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    key = digest.hexdigest()[:16]
     target = _cache_dir() / f"fewbit_codecs-{key}.so"
     if target.exists():
         return target
@@ -110,7 +116,7 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [exe, *_FLAGS, str(SOURCE), "-o", tmp],
+            [exe, *_FLAGS, f"-I{CSRC}", *map(str, SOURCES), "-o", tmp],
             check=True,
             capture_output=True,
             text=True,
