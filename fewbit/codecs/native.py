@@ -9,9 +9,11 @@ dequantize.
 Results are byte-identical to the eager torch path (tests compare them).
 
 Build: at the first call that needs it, ``cc -O3 -fPIC -shared`` (compiler from ``$CC``, else
-``cc``) writes ``fewbit_codecs-<hash>.so`` into a per-user cache directory
+``cc``; plus ``-fopenmp`` when torch's OpenMP runtime is GNU libgomp, so that the C loops run
+on torch's own thread pool and follow ``torch.set_num_threads``; without OpenMP they are
+serial) writes ``fewbit_codecs-<hash>.so`` into a per-user cache directory
 (``$FEWBIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fewbit``, else ``~/.cache/fewbit``), keyed by
-the hash of the source and flags, so later processes only load it. Compiling takes well
+the hash of the sources and flags, so later processes only load it. Compiling takes well
 under a second; nothing compiles at install or import time.
 
 Eager instead of native (callers check :func:`library`, which returns ``None``):
@@ -34,7 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["library", "native_enabled", "SOURCES"]
+__all__ = ["library", "native_enabled", "uses_openmp", "SOURCES"]
 
 CSRC = Path(__file__).with_name("csrc")
 # Compiled together into one library; headers in CSRC are part of the cache key.
@@ -98,9 +100,22 @@ def _cache_dir() -> Path:
     return Path(base) / "fewbit"
 
 
-def _build(compiler: str) -> Path:
-    """Compile the source into the cache (once per source hash) and return the .so path."""
-    digest = hashlib.sha256(" ".join(_FLAGS).encode())
+def _torch_openmp_is_libgomp() -> bool:
+    """Whether the OpenMP runtime in this process is GNU libgomp (torch's Linux wheels bundle
+    it as ``libgomp.so.1``). Only then is the library built with ``-fopenmp``: its
+    ``libgomp.so.1`` dependency resolves to the runtime already loaded, so fewbit's parallel
+    loops run on torch's own OpenMP threads and follow ``torch.set_num_threads`` (a second
+    runtime would spin against torch's threads on the same cores)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return "libgomp" in maps.read()
+    except OSError:  # not Linux
+        return False
+
+
+def _build(compiler: str, flags: tuple[str, ...]) -> Path:
+    """Compile the sources into the cache (once per source hash and flags); the .so path."""
+    digest = hashlib.sha256(" ".join(flags).encode())
     for path in sorted(CSRC.iterdir()):
         if path.suffix in (".c", ".h"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -116,7 +131,7 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [exe, *_FLAGS, f"-I{CSRC}", *map(str, SOURCES), "-o", tmp],
+            [exe, *flags, f"-I{CSRC}", *map(str, SOURCES), "-o", tmp],
             check=True,
             capture_output=True,
             text=True,
@@ -131,17 +146,26 @@ def _build(compiler: str) -> Path:
     return target
 
 
+def _open(compiler: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_build(compiler, flags)))
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
 @functools.lru_cache(maxsize=1)
-def _load() -> Optional[ctypes.CDLL]:
-    """The loaded library, or None after one warning (cached for the process; tests clear it
-    with ``_load.cache_clear()``)."""
+def _load() -> tuple[Optional[ctypes.CDLL], bool]:
+    """The loaded library (None after one warning) and whether it uses OpenMP; cached for
+    the process (tests clear it with ``_load.cache_clear()``)."""
     compiler = os.environ.get("CC") or COMPILER
+    if _torch_openmp_is_libgomp():
+        try:
+            return _open(compiler, (*_FLAGS, "-fopenmp")), True
+        except Exception:  # no OpenMP support in this compiler: the serial build below
+            pass
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-        for name, (args, res) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, res
-        return lib
+        return _open(compiler, _FLAGS), False
     except Exception as err:  # no compiler, failed compile or load: eager from now on
         warnings.warn(
             f"fewbit: building the native CPU codecs failed ({type(err).__name__}: {err}); "
@@ -150,11 +174,17 @@ def _load() -> Optional[ctypes.CDLL]:
             RuntimeWarning,
             stacklevel=3,
         )
-        return None
+        return None, False
+
+
+def uses_openmp() -> bool:
+    """Whether the native library runs its loops on torch's OpenMP threads (False when it is
+    serial, disabled or unavailable)."""
+    return native_enabled() and _load()[1]
 
 
 def library() -> Optional[ctypes.CDLL]:
     """The native codec library, built at first use; None when disabled or unavailable."""
     if not native_enabled():
         return None
-    return _load()
+    return _load()[0]
