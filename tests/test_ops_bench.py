@@ -33,3 +33,15 @@ def test_format_table_marks_missed_goals() -> None:
     text = ops.format_table(rows, "header")
     assert text.splitlines()[0] == "header"
     assert "ok" in text.splitlines()[2] and "MISSED" in text.splitlines()[3]
+
+
+def test_memory_bytes_separates_held_result_from_temporaries() -> None:
+    def fn() -> torch.Tensor:
+        tmp = torch.ones(2 << 20, dtype=torch.uint8)  # 2 MiB temporary, freed at return
+        out = torch.empty(1 << 20, dtype=torch.uint8)  # 1 MiB result, alive after the call
+        out.copy_(tmp[: 1 << 20])
+        return out
+
+    peak, held = ops.memory_bytes(fn, torch.device("cpu"))
+    assert held == 1 << 20  # exactly the returned tensor
+    assert peak >= 3 << 20  # both alive at once

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["cpu_profiler_peak", "cuda_peak", "rss_step_peak"]
+__all__ = ["cpu_profiler_memory", "cpu_profiler_peak", "cuda_peak", "rss_step_peak"]
 
 
 def _allocation_events(prof: torch.profiler.profile) -> list[tuple[int, int]]:
@@ -30,15 +30,25 @@ def cpu_profiler_peak(fn: Callable[[], Any]) -> int:
     Runs ``fn`` under `torch.profiler` with ``profile_memory=True`` and returns the maximum
     of the running sum of allocation sizes (frees are negative) in time order.
     """
+    return cpu_profiler_memory(fn)[0]
+
+
+def cpu_profiler_memory(fn: Callable[[], Any]) -> tuple[int, int]:
+    """(peak, held): bytes allocated by ``fn`` above what was allocated before it, at their
+    peak and when ``fn`` has returned, with its result still alive (so ``held`` counts the
+    result and whatever autograd saved for it; ``peak - held`` is the transient memory).
+    CPU only, from `torch.profiler` allocation events as `cpu_profiler_peak`.
+    """
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-        fn()
+        result = fn()
     running = 0
     peak = 0
     for _, size in _allocation_events(prof):
         running += size
         peak = max(peak, running)
-    return peak
+    del result
+    return peak, running
 
 
 def _status_kib(field_name: str) -> int:
