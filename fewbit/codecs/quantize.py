@@ -10,13 +10,16 @@ conceptually padded, but padding is never stored), so no group spans two samples
 outlier sample cannot ruin the range of another.
 
 Each group ``g`` stores ``lo[g]`` (16-bit, rounded *down*: ``lo <= min``) and ``scale[g]``
-(bfloat16, rounded *up* so ``lo + (2**bits - 1) * scale >= max``), and every element stores a
-``bits``-bit code ``c = floor((x - lo) / scale + u)``, ``u ~ U[0, 1)``, clamped to
-``[0, 2**bits - 1]`` and bit-packed with :mod:`fewbit.codecs.bitpack` in row-major order.
-Dequantization is ``lo + c * scale``. Given the stored ``lo``/``scale`` the rounding is
-unbiased (``E[dequantize(quantize(x))] = x`` up to float32 arithmetic and the final cast to
-``x.dtype``), the error of one draw is below ``scale`` per element, its variance at most
-``scale**2 / 4``.
+(bfloat16, rounded *up* so ``lo + (2**bits - 1) * scale >= max``; a positive scale is at least
+``2**-126``, the smallest normal float32, so that its reciprocal is finite), and every element
+stores a ``bits``-bit code ``c = floor((x - lo) * inv + u)``, ``u ~ U[0, 1)``, clamped to
+``[0, 2**bits - 1]`` and bit-packed with :mod:`fewbit.codecs.bitpack` in row-major order, where
+``inv = 1 / scale`` rounded to float32 once per group (1 for a zero scale): one multiplication
+per element instead of a division, in every path. Dequantization is ``lo + c * scale``. Given
+the stored ``lo``/``scale`` the rounding is unbiased: ``E[c] = (x - lo) * inv`` and
+``inv * scale = 1`` within ``2**-24``, so ``E[dequantize(quantize(x))] = x`` up to float32
+arithmetic (a relative ``2**-23`` of ``x - lo``) and the final cast to ``x.dtype``; the error
+of one draw is below ``scale`` per element, its variance at most ``scale**2 / 4``.
 
 Cost: ``ceil(numel * bits / 8)`` bytes of codes plus 4 bytes per group, i.e.
 ``32 / group_size`` extra bits per element (0.125 at the default ``group_size=256``).
@@ -60,6 +63,7 @@ Paths (one format, interchangeable: each path dequantizes the others' output)
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
@@ -94,6 +98,7 @@ _CHUNK = 1 << 20
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NAN_BITS = {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}  # canonical quiet NaNs
+_MIN_STEP = 2.0**-126  # smallest positive scale: the smallest normal float32 (a bfloat16)
 
 
 @dataclass
@@ -362,6 +367,8 @@ def _quantize_block(
     # mx/levels - lo/levels cannot overflow where mx - lo would; the extra factor gives a
     # margin against float32 rounding so lo + levels * scale >= max holds after rounding.
     step = (mx / levels - lo32 / levels) * (1.0 + 2.0**-20)
+    # a positive step is at least the smallest normal float32: 1 / scale stays finite
+    step = torch.where(step > 0, torch.clamp_min(step, _MIN_STEP), step)
     scale = _round_up(step, torch.bfloat16)
     scale32 = scale.float()
     # Non-finite groups store NaN; unconditional (no host sync on GPU).
@@ -372,8 +379,8 @@ def _quantize_block(
     scale = scale.view(torch.bfloat16)
     lo32 = torch.where(bad, 0.0, lo32)
     scale32 = torch.where(bad, 0.0, scale32)
-    safe = torch.where(scale32 > 0, scale32, 1.0).unsqueeze(1)
-    v = (g - lo32.unsqueeze(1)) / safe
+    inv = 1.0 / torch.where(scale32 > 0, scale32, 1.0)  # float32, correctly rounded
+    v = (g - lo32.unsqueeze(1)) * inv.unsqueeze(1)
     v = torch.nan_to_num(v, nan=0.0)  # NaN groups: any code, they decode to NaN
     codes = (v + noise.view(g.shape)).floor().clamp(0, levels).to(torch.uint8)
     return codes, lo, scale
@@ -517,10 +524,18 @@ _NATIVE_NAMES = {
     torch.bfloat16: "bf16",
     torch.float16: "f16",
 }
-# Elements per worker thread at least (below, one thread). Measured on 2 cores: worker threads
+# Without OpenMP in the native library (see fewbit.codecs.native.uses_openmp): elements per
+# Python worker thread at least (below, one thread). Measured on 2 cores: worker threads
 # started right after torch's OpenMP regions compete with its spinning threads, so a 0.5M-element
 # 2-bit quantize+dequantize took 3.8 ms with 2 workers against 1.2 ms with one.
 _PER_THREAD = 1 << 23
+# With OpenMP: tensors from this many elements are split across torch's OpenMP threads by the
+# C code itself (no thread start-up; the pool is torch's own).
+_OMP_MIN = 1 << 16
+# Flag bits of the C calls' ``flags`` argument (csrc/quantize.c).
+_FLAG_LO_F16, _FLAG_SPLIT = 1, 2
+# Output buffers from this size get the huge-page hint (see _fresh).
+_HUGE_MIN = 4 << 20
 
 
 def _native_lib(t: Tensor, dtype: torch.dtype) -> Any:
@@ -531,27 +546,52 @@ def _native_lib(t: Tensor, dtype: torch.dtype) -> Any:
     return native.library()
 
 
+def _fresh(lib: Any, numel: int, dtype: torch.dtype) -> Tensor:
+    """``torch.empty(numel, dtype=dtype)``, from ``_HUGE_MIN`` bytes on with the kernel asked
+    for transparent huge pages (``madvise``; a hint, contents unchanged): the codec writes
+    every byte of a fresh buffer, and 4 KiB page faults then cost more than the codec (64 MiB:
+    about 22 ms against 8 ms with huge pages, 1 thread, loaded machine)."""
+    out = torch.empty(numel, dtype=dtype)
+    nbytes = numel * out.element_size()
+    if nbytes >= _HUGE_MIN:
+        lib.fewbit_advise_hugepages(ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(nbytes))
+    return out
+
+
+def _aligned(rows: int, row_len: int, group_size: int) -> bool:
+    """Whether every group starts on an element index that is a multiple of 8 (whole bytes of
+    the packed stream at any bit width: callers on distinct groups never share a byte)."""
+    return group_size % 8 == 0 and (rows == 1 or row_len % 8 == 0)
+
+
 def _group_ranges(rows: int, row_len: int, group_size: int) -> list[tuple[int, int]]:
-    """Group ranges ``[g0, g1)`` for the worker threads, every one starting on an element
-    index that is a multiple of 8 (whole bytes of the packed stream at any bit width, so
-    workers never share a byte); one range when the layout does not allow that."""
+    """Group ranges ``[g0, g1)`` for the Python worker threads (serial native library), split
+    only where :func:`_aligned` allows; one range otherwise."""
     n_groups = rows * (-(-row_len // group_size))
     workers = max(1, min(torch.get_num_threads(), rows * row_len // _PER_THREAD, n_groups))
-    aligned = group_size % 8 == 0 and (rows == 1 or row_len % 8 == 0)
-    if workers == 1 or not aligned:
+    if workers == 1 or not _aligned(rows, row_len, group_size):
         return [(0, n_groups)]
     step = -(-n_groups // workers)
     return [(g, min(g + step, n_groups)) for g in range(0, n_groups, step)]
 
 
-def _in_threads(run: Callable[[int, int], None], ranges: list[tuple[int, int]]) -> None:
-    """``run(g0, g1)`` for every range: inline for one, else in a thread each (the ctypes
-    calls release the GIL); the outputs of distinct ranges are disjoint."""
+def _run_native(run: Callable[[int, int, int], None], rows: int, row_len: int,
+                group_size: int) -> None:  # fmt: skip
+    """``run(g0, g1, split)`` over all groups: with OpenMP, one call that the C code splits
+    across torch's threads (``split`` = ``_FLAG_SPLIT`` when the layout is :func:`_aligned`
+    and the tensor has at least ``_OMP_MIN`` elements); else one call per Python worker
+    thread (the ctypes calls release the GIL; distinct ranges write disjoint outputs)."""
+    n_groups = rows * (-(-row_len // group_size))
+    if native.uses_openmp():
+        big = rows * row_len >= _OMP_MIN
+        run(0, n_groups, _FLAG_SPLIT if big and _aligned(rows, row_len, group_size) else 0)
+        return
+    ranges = _group_ranges(rows, row_len, group_size)
     if len(ranges) == 1:
-        run(*ranges[0])
+        run(*ranges[0], 0)
         return
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(ranges)) as pool:
-        list(pool.map(lambda r: run(*r), ranges))
+        list(pool.map(lambda r: run(*r, 0), ranges))
 
 
 def _native_quantize(
@@ -569,20 +609,20 @@ def _native_quantize(
     flat = x.reshape(-1).contiguous()
     n_groups = rows * (-(-row_len // group_size)) if row_len else 0
     lo_dtype = _lo_dtype(x.dtype)
-    packed = torch.zeros(packed_nbytes(rows * row_len, bits), dtype=torch.uint8)
+    packed = _fresh(lib, packed_nbytes(rows * row_len, bits), torch.uint8)  # C sets every byte
     lo = torch.empty(n_groups, dtype=lo_dtype)
     scale = torch.empty(n_groups, dtype=torch.bfloat16)
     if n_groups == 0:
         return packed, lo, scale
     fn = getattr(lib, f"fewbit_quantize_{_NATIVE_NAMES[x.dtype]}")
     k = int(key.item()) & _M32
-    lo_f16 = int(lo_dtype == torch.float16)
+    lo_f16 = _FLAG_LO_F16 if lo_dtype == torch.float16 else 0
     xp, pp, lp, sp = flat.data_ptr(), packed.data_ptr(), lo.data_ptr(), scale.data_ptr()
 
-    def run(g0: int, g1: int) -> None:
-        fn(xp, row_len, group_size, g0, g1, k, bits, lo_f16, pp, lp, sp)
+    def run(g0: int, g1: int, split: int) -> None:
+        fn(xp, row_len, group_size, g0, g1, k, bits, lo_f16 | split, pp, lp, sp)
 
-    _in_threads(run, _group_ranges(rows, row_len, group_size))
+    _run_native(run, rows, row_len, group_size)
     return packed, lo, scale
 
 
@@ -601,7 +641,7 @@ def _native_dequantize(
         return None
     rows, row_len = _rows(shape, per_sample)
     n_groups = rows * (-(-row_len // group_size)) if row_len else 0
-    out = torch.empty(tuple(shape), dtype=dtype)
+    out = _fresh(lib, rows * row_len, dtype).view(tuple(shape))
     if n_groups == 0:
         return out
     if packed.numel() < packed_nbytes(rows * row_len, bits) or lo.numel() < n_groups:
@@ -610,13 +650,13 @@ def _native_dequantize(
         return None
     fn = getattr(lib, f"fewbit_dequantize_{_NATIVE_NAMES[dtype]}")
     packed, lo, scale = packed.contiguous(), lo.contiguous(), scale.contiguous()
-    lo_f16 = int(lo.dtype == torch.float16)
+    lo_f16 = _FLAG_LO_F16 if lo.dtype == torch.float16 else 0
     pp, lp, sp, op = packed.data_ptr(), lo.data_ptr(), scale.data_ptr(), out.data_ptr()
 
-    def run(g0: int, g1: int) -> None:
-        fn(pp, row_len, group_size, g0, g1, bits, lp, lo_f16, sp, op)
+    def run(g0: int, g1: int, split: int) -> None:
+        fn(pp, row_len, group_size, g0, g1, bits, lp, lo_f16 | split, sp, op)
 
-    _in_threads(run, _group_ranges(rows, row_len, group_size))
+    _run_native(run, rows, row_len, group_size)
     return out
 
 

@@ -2,10 +2,13 @@
 
 One pass each way. ``quantize`` reads x once: each program takes whole groups, finds their
 min/max, rounds ``lo`` down (bfloat16, or float16 for float16 inputs) and ``scale`` up
-(bfloat16), draws ``c = floor((x - lo) / scale + u)`` and writes the packed codes and the
+(bfloat16), draws ``c = floor((x - lo) * inv + u)`` (``inv = 1 / scale`` rounded once per
+group) and writes the packed codes and the
 4 bytes of metadata per group. ``dequantize`` reads the codes and metadata and writes
 ``lo + c * scale``. Same float32 operations as the torch codec, so given the same uniform
-noise ``u`` (argument ``noise``) the packed bytes, lo and scale are identical.
+noise ``u`` (argument ``noise``) the packed bytes, lo and scale are identical; the quantize
+kernel is compiled without floating-point contraction (``enable_fp_fusion=False``: a fused
+multiply-add of ``(x - lo) * inv + u`` would round once where the other paths round twice).
 
 Noise by default: Philox-4x32 keyed by a 64-bit ``seed`` read from a one-element int64 tensor
 on the device (no host sync to draw it). Element ``e`` takes lane ``e % 4`` of the four
@@ -153,6 +156,7 @@ def _quantize_kernel(
     else:
         lo = _bf16_directed(mn, False)
     step = (tl.math.div_rn(mx, levels * 1.0) - tl.math.div_rn(lo, levels * 1.0)) * (1.0 + 2.0**-20)
+    step = tl.where(step > 0, tl.maximum(step, 2.0**-126), step)  # 1 / scale stays finite
     scale = _bf16_directed(step, True)
     bad = nonfinite | ~_finite(lo) | ~_finite(scale)
     gmask = gi < n_groups
@@ -160,8 +164,8 @@ def _quantize_kernel(
     tl.store(scale_ptr + gi, tl.where(bad, float("nan"), scale).to(tl.bfloat16), mask=gmask)
     lo = tl.where(bad, 0.0, lo)
     scale = tl.where(bad, 0.0, scale)
-    safe = tl.where(scale > 0, scale, 1.0)
-    v = tl.math.div_rn(x - lo[:, None], safe[:, None])
+    inv = tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0))  # per group, correctly rounded
+    v = (x - lo[:, None]) * inv[:, None]
     v = tl.where(v != v, 0.0, v)
     if HAS_NOISE:
         u = tl.load(noise_ptr + elem, mask=valid, other=0.0)
@@ -289,7 +293,7 @@ def quantize(
                 n_groups, gpr, row_len, nbytes, seed_t,
                 BITS=bits, P=byte_pad(bits), G=group_size, NG=ng, GP=gp,
                 LO_FP16=lo_dtype == torch.float16, HAS_NOISE=noise is not None,
-                num_warps=NUM_WARPS,
+                num_warps=NUM_WARPS, enable_fp_fusion=False,
             )  # fmt: skip
     return QuantizedTensor(packed, lo, scale, x.shape, x.dtype, bits, group_size, per_sample)
 

@@ -16,9 +16,12 @@ from fewbit.codecs import quantize as qmod
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SEED = torch.tensor([0x0123456789ABCDE], dtype=torch.int64)
 # (shape, group_size): whole groups, partial last groups per row, a row shorter than a group,
-# odd sizes, 1-D tensors and groups of one element
+# odd sizes, 1-D tensors and groups of one element; groups whose start is a whole byte at
+# some bit widths only (vector and scalar pack/unpack in one tensor)
 LAYOUTS = [
     ((6, 512), 32),
+    ((4, 136), 72),
+    ((3, 1002), 128),
     ((3, 1001), 256),
     ((2, 3, 77), 32),
     ((2, 5000), 4096),
@@ -28,15 +31,30 @@ LAYOUTS = [
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-@pytest.fixture(autouse=True, params=[1, 3], ids=["1thread", "3threads"])
-def _threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One worker, or three (group ranges in parallel threads), whatever the machine has."""
+@pytest.fixture(
+    autouse=True,
+    params=[(1, True), (3, True), (3, False)],
+    ids=["1thread", "3threads", "3python-threads"],
+)
+def _threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202
+    """One thread, or three: OpenMP threads splitting inside the C calls (when the library is
+    built with OpenMP), or Python worker threads each calling C on its own group range."""
+    threads, openmp = request.param
     monkeypatch.setattr(qmod, "_PER_THREAD", 64)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: request.param)
+    monkeypatch.setattr(qmod, "_OMP_MIN", 64)
     monkeypatch.delenv("FEWBIT_COMPILE", raising=False)
     monkeypatch.delenv("FEWBIT_NATIVE", raising=False)
     if native.library() is None:
         pytest.skip("no C compiler: the native codecs are unavailable (fallback tested below)")
+    if openmp and not native.uses_openmp():
+        pytest.skip("the native library is built without OpenMP here")
+    if not openmp:
+        monkeypatch.setattr(native, "uses_openmp", lambda: False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # OpenMP threads of the C calls
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # Python workers
+    yield
+    torch.set_num_threads(before)
 
 
 def _bits_of(t: Tensor) -> Tensor:

@@ -1,17 +1,42 @@
 /* fewbit CPU codecs: the group quantizer (fewbit/codecs/quantize.py), one pass each way.
  * Compiled with activations.c into one library by fewbit/codecs/native.py. */
+#define _DEFAULT_SOURCE /* madvise */
 #include "float_bits.h"
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 /* ---- group quantizer (fewbit/codecs/quantize.py): one pass each way ----
  *
  * Same arithmetic as the eager torch path, in float32: per group min/max, lo rounded down
  * to bf16 (bit ops) or fp16 (exact: fp16 inputs), step = (max/L - lo/L) * (1 + 2^-20)
  * rounded up to bf16, non-finite groups -> NaN lo/scale (codes from x itself, as eager),
- * code = clamp(floor((x - lo) / scale + u), 0, L) with u = (mix32(e + key) >> 8) * 2^-24.
- * Codes are ORed into a zeroed packed stream (code e at bit e * bits). */
+ * a positive step at least 2^-126, code = clamp(floor((x - lo) * inv + u), 0, L) with
+ * inv = 1 / scale (1 for scale 0) rounded to float32 and u = (mix32(e + key) >> 8) * 2^-24.
+ *
+ * Codes are written into the packed stream (code e at bit e * bits): a byte is set (=) by
+ * the first code it holds and ORed by the others, so the stream needs no zeroing as long as
+ * each byte's codes are written in order by one caller (callers split at multiples of 8
+ * elements). Hot loops work on 16-lane vectors (GCC vector extensions: one AVX-512 register,
+ * two AVX2 or four SSE2 ones, picked at load time by Q_CLONES); every lane does the scalar
+ * float32 operations of the eager path (IEEE, no FMA), so all versions give the same bytes. */
 
 #define QMAX_GROUP 4096
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define Q_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define Q_CLONES
+#endif
+#define Q_INLINE static inline __attribute__((always_inline))
+
+typedef float q_vf __attribute__((vector_size(64)));
+typedef int32_t q_vi __attribute__((vector_size(64)));
+typedef uint32_t q_vu __attribute__((vector_size(64)));
+typedef uint64_t q_vq __attribute__((vector_size(64)));
+typedef uint8_t q_vb __attribute__((vector_size(16)));
+typedef uint8_t q_vb8 __attribute__((vector_size(8)));
+typedef uint16_t q_vh __attribute__((vector_size(32)));
 
 static inline uint32_t mix32(uint32_t h) {
     h ^= h >> 16;
@@ -19,6 +44,15 @@ static inline uint32_t mix32(uint32_t h) {
     h ^= h >> 15;
     h *= 0x846ca68bu;
     return h ^ (h >> 16);
+}
+
+Q_INLINE void mix32_v(q_vu *hp) { /* mix32 in each lane */
+    q_vu h = *hp;
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    h *= 0x846ca68bu;
+    *hp = h ^ (h >> 16);
 }
 
 /* nearest bf16 at or above (up) / at or below v, as bf16 bits (v finite or inf) */
@@ -32,221 +66,398 @@ static inline uint16_t bf16_directed(float v, int up) {
 
 static inline float f64_load(double v) { return (float)v; }
 
-static inline void pack_or(const uint8_t *codes, int64_t m, int64_t e0, int bits,
-                           uint8_t *packed) {
+/* ---- packing: code e of the stream at bit e * bits of byte e * bits / 8 ---- */
+
+/* one code, scalar: sets the byte for the first code of a byte, ORs the others */
+Q_INLINE void put_code(uint8_t *packed, int64_t e, int bits, unsigned code) {
+    int64_t at = e * bits;
+    uint8_t v = (uint8_t)(code << (at & 7));
+    if ((at & 7) == 0)
+        packed[at >> 3] = v;
+    else
+        packed[at >> 3] |= v;
+}
+
+/* 64 codes (bytes, each below 2**bits) -> 8 * bits packed bytes. Lane trick: a 32-bit word
+ * holds 4 codes at bits 0/8/16/24; shifting them down by 8 - bits per step lines them up. */
+Q_INLINE void pack64(const uint8_t *c, int bits, uint8_t *out) {
+    if (bits == 2) { /* byte = c0 | c1 << 2 | c2 << 4 | c3 << 6 */
+        q_vu w;
+        memcpy(&w, c, 64);
+        w = w | (w >> 6) | (w >> 12) | (w >> 18);
+        q_vb b = __builtin_convertvector(w, q_vb);
+        memcpy(out, &b, 16);
+    } else if (bits == 4) { /* bytes (c0 | c1 << 4), (c2 | c3 << 4) */
+        q_vu w;
+        memcpy(&w, c, 64);
+        w = w | (w >> 4);
+        w = (w & 0xffu) | ((w >> 8) & 0xff00u);
+        q_vh h = __builtin_convertvector(w, q_vh);
+        memcpy(out, &h, 32);
+    } else { /* bits == 1: a 64-bit word holds 8 codes */
+        q_vq w;
+        memcpy(&w, c, 64);
+        w = w | (w >> 7) | (w >> 14) | (w >> 21) | (w >> 28) | (w >> 35) | (w >> 42) | (w >> 49);
+        q_vb8 b = __builtin_convertvector(w, q_vb8);
+        memcpy(out, &b, 8);
+    }
+}
+
+/* codes[0, m) of elements [e0, e0 + m) into the stream */
+Q_INLINE void pack_codes(const uint8_t *codes, int64_t m, int64_t e0, int bits,
+                         uint8_t *packed) {
     if (bits == 8) {
         memcpy(packed + e0, codes, (size_t)m);
         return;
     }
-    int per = 8 / bits;
     int64_t k = 0;
-    for (; k < m && ((e0 + k) % per); k++) {
-        int64_t e = e0 + k;
-        packed[e * bits / 8] |= (uint8_t)(codes[k] << ((e * bits) & 7));
+    if ((e0 * bits) % 8 == 0) { /* whole bytes from the start: 64 codes at a time */
+        for (; k + 64 <= m; k += 64) pack64(codes + k, bits, packed + (e0 + k) * bits / 8);
     }
-    uint8_t *out = packed + (e0 + k) * bits / 8;
-    int64_t full = (m - k) / per;
-    for (int64_t j = 0; j < full; j++) {
-        const uint8_t *c = codes + k + j * per;
-        uint8_t acc = 0;
-        for (int t = 0; t < per; t++) acc |= (uint8_t)(c[t] << (t * bits));
-        out[j] |= acc;
-    }
-    for (k += full * per; k < m; k++) {
-        int64_t e = e0 + k;
-        packed[e * bits / 8] |= (uint8_t)(codes[k] << ((e * bits) & 7));
-    }
+    for (; k < m; k++) put_code(packed, e0 + k, bits, codes[k]);
 }
 
-/* min and max of m >= 1 floats (lane-wise in 8 lanes, then across: vectorizable); returns
- * whether all are finite. Which zero a {+0, -0} minimum returns depends on the lanes (as in
- * torch's vectorized amin, whose choice depends on its own lanes). */
-typedef float fb_v8f __attribute__((vector_size(32)));
-typedef int32_t fb_v8i __attribute__((vector_size(32)));
-
-/* one 8-lane step of the running min / max / all-finite of group_range */
-static inline void range_step(const float *p, fb_v8f *mn8, fb_v8f *mx8, fb_v8i *ok8) {
-    const fb_v8i absmask = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
-                            0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
-    const fb_v8i maxfin = {0x7f7fffff, 0x7f7fffff, 0x7f7fffff, 0x7f7fffff,
-                           0x7f7fffff, 0x7f7fffff, 0x7f7fffff, 0x7f7fffff};
-    fb_v8f v;
-    memcpy(&v, p, sizeof v);
-    fb_v8i vi = (fb_v8i)v;
-    fb_v8i lt = v < *mn8, gt = v > *mx8;
-    *mn8 = (fb_v8f)((vi & lt) | ((fb_v8i)*mn8 & ~lt));
-    *mx8 = (fb_v8f)((vi & gt) | ((fb_v8i)*mx8 & ~gt));
-    *ok8 &= (vi & absmask) <= maxfin;
+/* lane-wise a < b ? a : b and a > b ? a : b (what the scalar loop does per element) */
+Q_INLINE void min_max_step(const q_vf *vp, q_vf *mn, q_vf *mx) {
+    q_vf v = *vp;
+    q_vi lt = v < *mn, gt = v > *mx;
+    *mn = (q_vf)(((q_vi)v & lt) | ((q_vi)*mn & ~lt));
+    *mx = (q_vf)(((q_vi)v & gt) | ((q_vi)*mx & ~gt));
 }
 
-/* min and max of m >= 1 floats (lane-wise: 4 independent sets of 8 lanes, then across;
- * vectorizable); returns whether all are finite. Which zero a {+0, -0} minimum returns
- * depends on the lanes (as in torch's vectorized amin, whose choice depends on its own). */
-static inline int group_range(const float *buf, int64_t m, float *mn_out, float *mx_out) {
-    fb_v8f mn8[4], mx8[4];
-    fb_v8i ok8[4];
-    for (int j = 0; j < 4; j++) {
-        for (int t = 0; t < 8; t++) {
-            mn8[j][t] = buf[0];
-            mx8[j][t] = buf[0];
-            ok8[j][t] = -1;
-        }
+/* min and max of m >= 1 floats (lane-wise in 2 x 16 lanes, then across); returns whether
+ * all are finite (x - x is +0 exactly for finite x, NaN for inf and NaN: the OR of their bits
+ * is zero iff all are finite). Which zero a {+0, -0} minimum returns depends on the lanes (as
+ * in torch's vectorized amin, whose choice depends on its own). */
+Q_INLINE int group_range(const float *buf, int64_t m, float *mn_out, float *mx_out) {
+    q_vf mn0, mx0, mn1, mx1;
+    q_vi nf0 = {0}, nf1 = {0};
+    for (int t = 0; t < 16; t++) mn0[t] = buf[0];
+    mx0 = mn1 = mx1 = mn0;
+    int64_t k = 0;
+    for (; k + 32 <= m; k += 32) {
+        q_vf a, b;
+        memcpy(&a, buf + k, sizeof a);
+        memcpy(&b, buf + k + 16, sizeof b);
+        min_max_step(&a, &mn0, &mx0);
+        min_max_step(&b, &mn1, &mx1);
+        nf0 |= (q_vi)(a - a);
+        nf1 |= (q_vi)(b - b);
     }
-    int64_t full32 = m & ~(int64_t)31, full8 = m & ~(int64_t)7;
-    for (int64_t k = 0; k < full32; k += 32) {
-        for (int j = 0; j < 4; j++) range_step(buf + k + 8 * j, &mn8[j], &mx8[j], &ok8[j]);
+    for (; k + 16 <= m; k += 16) {
+        q_vf a;
+        memcpy(&a, buf + k, sizeof a);
+        min_max_step(&a, &mn0, &mx0);
+        nf0 |= (q_vi)(a - a);
     }
-    for (int64_t k = full32; k < full8; k += 8) range_step(buf + k, &mn8[0], &mx8[0], &ok8[0]);
+    min_max_step(&mn1, &mn0, &mx0); /* mn0 = lanewise min of both sets; mx0 likewise */
+    min_max_step(&mx1, &mn0, &mx0);
+    nf0 |= nf1;
     float mn = buf[0], mx = buf[0];
-    int ok = 1;
-    for (int j = 0; j < 4; j++) {
-        for (int t = 0; t < 8; t++) {
-            mn = mn8[j][t] < mn ? mn8[j][t] : mn;
-            mx = mx8[j][t] > mx ? mx8[j][t] : mx;
-            ok &= ok8[j][t] != 0;
-        }
+    int32_t nf = 0;
+    for (int t = 0; t < 16; t++) {
+        mn = mn0[t] < mn ? mn0[t] : mn;
+        mx = mx0[t] > mx ? mx0[t] : mx;
+        nf |= nf0[t];
     }
-    for (int64_t k = full8; k < m; k++) {
+    for (; k < m; k++) {
         float v = buf[k];
         mn = v < mn ? v : mn;
         mx = v > mx ? v : mx;
-        ok &= fabsf(v) <= 3.4028234663852886e38f;
+        nf |= !(fabsf(v) <= 3.4028234663852886e38f);
     }
     *mn_out = mn;
     *mx_out = mx;
-    return ok;
+    return nf == 0;
 }
 
-/* codes of m elements: clamp(floor((x - lo) / safe + u), 0, L), NaN quotients as 0;
- * t >= 0 after the clamp, so truncation is floor. */
-static inline void group_codes(const float *buf, int m, float lo32, float safe, uint32_t k0,
-                               float L, uint8_t *codes) {
-    for (int k = 0; k < m; k++) {
-        float v = (buf[k] - lo32) / safe;
-        v = v != v ? 0.0f : v;
-        uint32_t h = mix32(k0 + (uint32_t)k);
-        float u = (float)(int32_t)(h >> 8) * 5.9604644775390625e-08f;
-        float t = v + u;
-        t = t > 0.0f ? t : 0.0f;
-        t = t < L ? t : L;
-        codes[k] = (uint8_t)(int32_t)t;
-    }
+/* code of one element: clamp(floor((x - lo) * inv + u), 0, L), NaN products as 0 (NaN
+ * fails t > 0: no separate test); t >= 0 after the clamp, so truncation is floor. */
+static inline uint8_t code_of(float x, float lo32, float inv, uint32_t hin, float L) {
+    float v = (x - lo32) * inv;
+    uint32_t h = mix32(hin);
+    float u = (float)(int32_t)(h >> 8) * 5.9604644775390625e-08f;
+    float t = v + u;
+    t = t > 0.0f ? t : 0.0f;
+    t = t < L ? t : L;
+    return (uint8_t)(int32_t)t;
 }
 
-static inline void pack_any(const uint8_t *codes, int64_t m, int64_t e0, int bits,
-                            uint8_t *packed) {
-    switch (bits) { /* constant bit width at each inlined call: unrolled byte loops */
-        case 1: pack_or(codes, m, e0, 1, packed); break;
-        case 2: pack_or(codes, m, e0, 2, packed); break;
-        case 4: pack_or(codes, m, e0, 4, packed); break;
-        default: pack_or(codes, m, e0, 8, packed); break;
+/* codes of m elements, 16 lanes at a time (the lanes do code_of's operations) */
+Q_INLINE void group_codes(const float *buf, int m, float lo32, float inv, uint32_t k0,
+                          float L, uint8_t *codes) {
+    const q_vu iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const q_vf Lv = {L, L, L, L, L, L, L, L, L, L, L, L, L, L, L, L};
+    int k = 0;
+    for (; k + 16 <= m; k += 16) {
+        q_vf x;
+        memcpy(&x, buf + k, sizeof x);
+        q_vf v = (x - lo32) * inv;
+        q_vu h = iota + (k0 + (uint32_t)k);
+        mix32_v(&h);
+        q_vf u = __builtin_convertvector((q_vi)(h >> 8), q_vf) * 5.9604644775390625e-08f;
+        q_vf t = v + u;
+        t = (q_vf)((q_vi)t & (t > 0.0f));
+        q_vi below = t < L;
+        t = (q_vf)(((q_vi)t & below) | ((q_vi)Lv & ~below));
+        q_vb c = __builtin_convertvector(__builtin_convertvector(t, q_vi), q_vb);
+        memcpy(codes + k, &c, sizeof c);
     }
+    for (; k < m; k++) codes[k] = code_of(buf[k], lo32, inv, k0 + (uint32_t)k, L);
 }
 
-#define QUANT_FN(NAME, T, LOAD)                                                              \
-    FB_CLONES void NAME(const T *x, int64_t row_len, int64_t gs, int64_t g0, int64_t g1, uint32_t key,  \
-              int bits, int lo_f16, uint8_t *packed, uint16_t *lo_out, uint16_t *scale_out) { \
-        int64_t gpr = (row_len + gs - 1) / gs;                                                \
-        const float L = (float)((1 << bits) - 1);                                             \
-        const float margin = 1.0f + 9.5367431640625e-07f; /* 1 + 2^-20 */                    \
-        float buf[QMAX_GROUP];                                                                \
-        uint8_t codes[QMAX_GROUP];                                                            \
-        for (int64_t g = g0; g < g1; g++) {                                                   \
-            int64_t r = g / gpr, c = g % gpr;                                                 \
-            int64_t e0 = r * row_len + c * gs;                                                \
-            int64_t m = row_len - c * gs < gs ? row_len - c * gs : gs;                        \
-            const T *xs = x + e0;                                                             \
-            for (int64_t k = 0; k < m; k++) buf[k] = LOAD(xs[k]);                             \
-            float mn, mx;                                                                     \
-            int bad = !group_range(buf, m, &mn, &mx);                                         \
-            uint16_t lo_bits = 0, scale_bits = 0x7fc0u;                                       \
-            float lo32 = 0.0f, scale32 = 0.0f;                                                \
-            if (!bad) {                                                                       \
-                lo_bits = lo_f16 ? f32_to_f16(mn) : bf16_directed(mn, 0);                     \
-                lo32 = lo_f16 ? f16_to_f32(lo_bits) : bf16_to_f32(lo_bits);                   \
-                float step = (mx / L - lo32 / L) * margin;                                    \
-                scale_bits = bf16_directed(step, 1);                                          \
-                scale32 = bf16_to_f32(scale_bits);                                            \
-                bad = !(fabsf(lo32) <= 3.4028234663852886e38f) ||                             \
-                      !(fabsf(scale32) <= 3.4028234663852886e38f);                            \
-            }                                                                                 \
-            if (bad) {                                                                        \
-                lo_bits = lo_f16 ? 0x7e00u : 0x7fc0u;                                         \
-                scale_bits = 0x7fc0u;                                                         \
-                lo32 = 0.0f;                                                                  \
-                scale32 = 0.0f;                                                               \
-            }                                                                                 \
-            lo_out[g] = lo_bits;                                                              \
-            scale_out[g] = scale_bits;                                                        \
-            float safe = scale32 > 0.0f ? scale32 : 1.0f;                                     \
-            group_codes(buf, (int)m, lo32, safe, key + (uint32_t)e0, L, codes);               \
-            pack_any(codes, m, e0, bits, packed);                                              \
-        }                                                                                     \
-    }
+/* group inputs as float32: a copy into buf, or the input itself for float32 */
+Q_INLINE const float *load_f32(const float *x, int64_t m, float *buf) {
+    (void)m;
+    (void)buf;
+    return x;
+}
 
-QUANT_FN(fewbit_quantize_f32, float, ID)
-QUANT_FN(fewbit_quantize_f64, double, f64_load)
-QUANT_FN(fewbit_quantize_bf16, uint16_t, bf16_to_f32)
-QUANT_FN(fewbit_quantize_f16, uint16_t, f16_to_f32)
-
-/* codes of elements [e0, e0 + m) of the packed stream */
-static inline void unpack_codes(const uint8_t *packed, int64_t e0, int64_t m, int bits,
-                                uint8_t *codes) {
-    const unsigned mask = (1u << bits) - 1u;
-    if (bits == 8) {
-        memcpy(codes, packed + e0, (size_t)m);
-        return;
-    }
-    int per = 8 / bits;
+Q_INLINE const float *load_bf16(const uint16_t *x, int64_t m, float *buf) {
     int64_t k = 0;
-    for (; k < m && ((e0 + k) % per); k++) {
-        int64_t e = e0 + k;
-        codes[k] = (uint8_t)((packed[e * bits / 8] >> ((e * bits) & 7)) & mask);
+    for (; k + 16 <= m; k += 16) {
+        q_vh h;
+        memcpy(&h, x + k, sizeof h);
+        q_vu w = __builtin_convertvector(h, q_vu) << 16;
+        memcpy(buf + k, &w, sizeof w);
     }
-    const uint8_t *in = packed + (e0 + k) * bits / 8;
-    int64_t full = (m - k) / per;
-    for (int64_t j = 0; j < full; j++) {
-        unsigned b = in[j];
-        for (int t = 0; t < per; t++) codes[k + j * per + t] = (uint8_t)((b >> (t * bits)) & mask);
+    for (; k < m; k++) buf[k] = bf16_to_f32(x[k]);
+    return buf;
+}
+
+Q_INLINE const float *load_f16(const uint16_t *x, int64_t m, float *buf) {
+    for (int64_t k = 0; k < m; k++) buf[k] = f16_to_f32(x[k]);
+    return buf;
+}
+
+Q_INLINE const float *load_f64(const double *x, int64_t m, float *buf) {
+    for (int64_t k = 0; k < m; k++) buf[k] = (float)x[k];
+    return buf;
+}
+
+/* lo/scale of a group from its range (NaN pair and zeros for a non-finite group) */
+Q_INLINE void group_meta(int bad, float mn, float mx, float L, int lo_f16, uint16_t *lo_bits,
+                         uint16_t *scale_bits, float *lo32, float *scale32) {
+    const float margin = 1.0f + 9.5367431640625e-07f; /* 1 + 2^-20 */
+    if (!bad) {
+        *lo_bits = lo_f16 ? f32_to_f16(mn) : bf16_directed(mn, 0);
+        *lo32 = lo_f16 ? f16_to_f32(*lo_bits) : bf16_to_f32(*lo_bits);
+        float step = (mx / L - *lo32 / L) * margin;
+        step = step > 0.0f && step < 0x1p-126f ? 0x1p-126f : step; /* 1 / scale finite */
+        *scale_bits = bf16_directed(step, 1);
+        *scale32 = bf16_to_f32(*scale_bits);
+        bad = !(fabsf(*lo32) <= 3.4028234663852886e38f) ||
+              !(fabsf(*scale32) <= 3.4028234663852886e38f);
     }
-    for (k += full * per; k < m; k++) {
-        int64_t e = e0 + k;
-        codes[k] = (uint8_t)((packed[e * bits / 8] >> ((e * bits) & 7)) & mask);
+    if (bad) {
+        *lo_bits = lo_f16 ? 0x7e00u : 0x7fc0u;
+        *scale_bits = 0x7fc0u;
+        *lo32 = 0.0f;
+        *scale32 = 0.0f;
     }
 }
 
-static inline void unpack_any(const uint8_t *packed, int64_t e0, int64_t m, int bits,
-                              uint8_t *codes) {
-    switch (bits) { /* constant bit width at each inlined call: unrolled byte loops */
-        case 1: unpack_codes(packed, e0, m, 1, codes); break;
-        case 2: unpack_codes(packed, e0, m, 2, codes); break;
-        case 4: unpack_codes(packed, e0, m, 4, codes); break;
-        default: unpack_codes(packed, e0, m, 8, codes); break;
+/* ---- calls: groups [g0, g1), element e0 of group g = row * row_len + col * gs ----
+ *
+ * flags: bit 0 = lo is float16 (else bfloat16); bit 1 = the caller allows splitting the
+ * groups across OpenMP threads (torch's pool when the library is built with -fopenmp): it
+ * sets it only when every group starts on a multiple of 8 elements (no two threads share a
+ * packed byte). Each thread takes one contiguous run of groups; results do not depend on the
+ * split. */
+#define Q_LO_F16 1
+#define Q_SPLIT 2
+
+#ifdef _OPENMP
+#include <omp.h>
+#define Q_FOR_RUNS(flags, g0, g1, CALL)                                                      \
+    do {                                                                                     \
+        if (!((flags) & Q_SPLIT) || omp_get_max_threads() == 1) {                            \
+            int64_t a_ = (g0), b_ = (g1);                                                    \
+            CALL;                                                                            \
+            break;                                                                           \
+        }                                                                                    \
+        _Pragma("omp parallel") {                                                            \
+            int64_t nt_ = omp_get_num_threads(), t_ = omp_get_thread_num();                  \
+            int64_t step_ = ((g1) - (g0) + nt_ - 1) / nt_;                                   \
+            int64_t a_ = (g0) + t_ * step_;                                                  \
+            int64_t b_ = a_ + step_ < (g1) ? a_ + step_ : (g1);                              \
+            if (a_ < b_) CALL;                                                               \
+        }                                                                                    \
+    } while (0)
+#else
+#define Q_FOR_RUNS(flags, g0, g1, CALL)                                                      \
+    do {                                                                                     \
+        (void)(flags);                                                                       \
+        int64_t a_ = (g0), b_ = (g1);                                                        \
+        CALL;                                                                                \
+    } while (0)
+#endif
+
+#define QUANT_FN(NAME, T, LOADER)                                                            \
+    Q_CLONES static void NAME##_run(const T *x, int64_t row_len, int64_t gs, int64_t g0,     \
+                                    int64_t g1, uint32_t key, int bits, int lo_f16,          \
+                                    uint8_t *packed, uint16_t *lo_out,                       \
+                                    uint16_t *scale_out) {                                   \
+        int64_t gpr = (row_len + gs - 1) / gs;                                               \
+        const float L = (float)((1 << bits) - 1);                                            \
+        float buf[QMAX_GROUP] __attribute__((aligned(64)));                                  \
+        uint8_t codes[QMAX_GROUP] __attribute__((aligned(64)));                              \
+        for (int64_t g = g0; g < g1; g++) {                                                  \
+            int64_t r = g / gpr, c = g % gpr;                                                \
+            int64_t e0 = r * row_len + c * gs;                                               \
+            int64_t m = row_len - c * gs < gs ? row_len - c * gs : gs;                       \
+            const float *v = LOADER(x + e0, m, buf);                                         \
+            float mn, mx, lo32, scale32;                                                     \
+            int bad = !group_range(v, m, &mn, &mx);                                          \
+            group_meta(bad, mn, mx, L, lo_f16, &lo_out[g], &scale_out[g], &lo32, &scale32); \
+            float inv = 1.0f / (scale32 > 0.0f ? scale32 : 1.0f);                            \
+            group_codes(v, (int)m, lo32, inv, key + (uint32_t)e0, L, codes);                 \
+            switch (bits) { /* constant bit width in each inlined copy */                    \
+                case 1: pack_codes(codes, m, e0, 1, packed); break;                          \
+                case 2: pack_codes(codes, m, e0, 2, packed); break;                          \
+                case 4: pack_codes(codes, m, e0, 4, packed); break;                          \
+                default: pack_codes(codes, m, e0, 8, packed); break;                         \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+    void NAME(const T *x, int64_t row_len, int64_t gs, int64_t g0, int64_t g1, uint32_t key, \
+              int bits, int flags, uint8_t *packed, uint16_t *lo_out, uint16_t *scale_out) { \
+        int lo_f16 = flags & Q_LO_F16;                                                       \
+        Q_FOR_RUNS(flags, g0, g1,                                                            \
+                   NAME##_run(x, row_len, gs, a_, b_, key, bits, lo_f16, packed, lo_out,     \
+                              scale_out));                                                   \
     }
+
+QUANT_FN(fewbit_quantize_f32, float, load_f32)
+QUANT_FN(fewbit_quantize_f64, double, load_f64)
+QUANT_FN(fewbit_quantize_bf16, uint16_t, load_bf16)
+QUANT_FN(fewbit_quantize_f16, uint16_t, load_f16)
+
+/* ---- unpacking ---- */
+
+/* codes of 16 consecutive elements, the first at bit 0 of src (2 * bits bytes), in int32
+ * lanes: the word holding lane i's code is broadcast into the lane, then shifted and masked */
+Q_INLINE void codes16(const uint8_t *src, int bits, q_vi *out) {
+    q_vu w = {0};
+    memcpy(&w, src, (size_t)(2 * bits));
+    const q_vu word8 = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
+    const q_vu word4 = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+    const q_vu word2 = {0};
+    const q_vu iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    q_vu v = __builtin_shuffle(w, bits == 8 ? word8 : bits == 4 ? word4 : word2);
+    q_vu shift = (iota * (uint32_t)bits) & 31u;
+    *out = (q_vi)((v >> shift) & ((1u << bits) - 1u));
 }
 
-/* out = lo + code * scale (float32, the product exact), rounded to the output dtype;
- * groups [g0, g1). */
-#define DEQUANT_FN(NAME, T, STORE)                                                           \
-    FB_CLONES void NAME(const uint8_t *packed, int64_t row_len, int64_t gs, int64_t g0, int64_t g1,     \
-              int bits, const uint16_t *lo, int lo_f16, const uint16_t *scale, T *out) {      \
-        int64_t gpr = (row_len + gs - 1) / gs;                                                \
-        uint8_t codes[QMAX_GROUP];                                                            \
-        for (int64_t g = g0; g < g1; g++) {                                                   \
-            int64_t r = g / gpr, c = g % gpr;                                                 \
-            int64_t e0 = r * row_len + c * gs;                                                \
-            int m = (int)(row_len - c * gs < gs ? row_len - c * gs : gs);                     \
-            float lo32 = lo_f16 ? f16_to_f32(lo[g]) : bf16_to_f32(lo[g]);                     \
-            float s32 = bf16_to_f32(scale[g]);                                                \
-            unpack_any(packed, e0, m, bits, codes);                                           \
-            T *os = out + e0;                                                                 \
-            for (int k = 0; k < m; k++) os[k] = STORE(lo32 + (float)codes[k] * s32);         \
-        }                                                                                     \
+/* lo + code * scale in float32 (the product is exact) for 16 elements from the stream */
+Q_INLINE void dequant16(const uint8_t *src, int bits, float lo32, float s32, q_vf *out) {
+    q_vi c;
+    codes16(src, bits, &c);
+    *out = lo32 + __builtin_convertvector(c, q_vf) * s32;
+}
+
+/* f32_to_bf16 in 16 lanes: round to nearest even, NaN -> 0xffff */
+Q_INLINE void bf16_round16(const q_vf *v, uint16_t *dst) {
+    q_vu u = (q_vu)*v;
+    q_vi nan = (q_vi)(u & 0x7fffffffu) > 0x7f800000;
+    q_vu r = ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) | (q_vu)nan;
+    q_vh h = __builtin_convertvector(r, q_vh);
+    memcpy(dst, &h, sizeof h);
+}
+
+/* out[0, m) of the group starting at element e0 of the stream; 16 lanes at a time when the
+ * group starts on a byte (then every 16-element block does) */
+#define STORE_GROUP(NAME, T, VEC_STORE, SCALAR)                                              \
+    Q_INLINE void NAME(T *os, const uint8_t *packed, int64_t e0, int m, int bits,           \
+                       float lo32, float s32) {                                              \
+        int k = 0;                                                                           \
+        if ((e0 * bits) % 8 == 0) {                                                          \
+            for (; k + 16 <= m; k += 16) {                                                   \
+                q_vf v;                                                                      \
+                dequant16(packed + (e0 + k) * bits / 8, bits, lo32, s32, &v);                \
+                VEC_STORE;                                                                   \
+            }                                                                                \
+        }                                                                                    \
+        const unsigned mask = (1u << bits) - 1u;                                             \
+        for (; k < m; k++) {                                                                 \
+            int64_t at = (e0 + k) * bits;                                                    \
+            float c = (float)((packed[at >> 3] >> (at & 7)) & mask);                         \
+            os[k] = SCALAR(lo32 + c * s32);                                                  \
+        }                                                                                    \
     }
+
+STORE_GROUP(store_f32, float, memcpy(os + k, &v, sizeof v), ID)
+STORE_GROUP(store_bf16, uint16_t, bf16_round16(&v, os + k), f32_to_bf16)
 
 static inline double f32_to_f64(float v) { return (double)v; }
 
-DEQUANT_FN(fewbit_dequantize_f32, float, ID)
-DEQUANT_FN(fewbit_dequantize_f64, double, f32_to_f64)
-DEQUANT_FN(fewbit_dequantize_bf16, uint16_t, f32_to_bf16)
-DEQUANT_FN(fewbit_dequantize_f16, uint16_t, f32_to_f16)
+/* float16 and float64 outputs: one element at a time, 16 at a time through a float buffer */
+#define STORE_VIA_BUF(NAME, T, CONV)                                                         \
+    Q_INLINE void NAME(T *os, const uint8_t *packed, int64_t e0, int m, int bits,           \
+                       float lo32, float s32) {                                              \
+        int k = 0;                                                                           \
+        if ((e0 * bits) % 8 == 0) {                                                          \
+            for (; k + 16 <= m; k += 16) {                                                   \
+                q_vf v;                                                                      \
+                dequant16(packed + (e0 + k) * bits / 8, bits, lo32, s32, &v);                \
+                for (int t = 0; t < 16; t++) os[k + t] = CONV(v[t]);                         \
+            }                                                                                \
+        }                                                                                    \
+        const unsigned mask = (1u << bits) - 1u;                                             \
+        for (; k < m; k++) {                                                                 \
+            int64_t at = (e0 + k) * bits;                                                    \
+            float c = (float)((packed[at >> 3] >> (at & 7)) & mask);                         \
+            os[k] = CONV(lo32 + c * s32);                                                    \
+        }                                                                                    \
+    }
+
+STORE_VIA_BUF(store_f16, uint16_t, f32_to_f16)
+STORE_VIA_BUF(store_f64, double, f32_to_f64)
+
+/* out = lo + code * scale (float32, the product exact), rounded to the output dtype;
+ * groups [g0, g1). */
+#define DEQUANT_FN(NAME, T, STORER)                                                          \
+    Q_CLONES static void NAME##_run(const uint8_t *packed, int64_t row_len, int64_t gs,      \
+                                    int64_t g0, int64_t g1, int bits, const uint16_t *lo,    \
+                                    int lo_f16, const uint16_t *scale, T *out) {             \
+        int64_t gpr = (row_len + gs - 1) / gs;                                               \
+        for (int64_t g = g0; g < g1; g++) {                                                  \
+            int64_t r = g / gpr, c = g % gpr;                                                \
+            int64_t e0 = r * row_len + c * gs;                                               \
+            int m = (int)(row_len - c * gs < gs ? row_len - c * gs : gs);                    \
+            float lo32 = lo_f16 ? f16_to_f32(lo[g]) : bf16_to_f32(lo[g]);                    \
+            float s32 = bf16_to_f32(scale[g]);                                               \
+            switch (bits) { /* constant bit width in each inlined copy */                    \
+                case 1: STORER(out + e0, packed, e0, m, 1, lo32, s32); break;                \
+                case 2: STORER(out + e0, packed, e0, m, 2, lo32, s32); break;                \
+                case 4: STORER(out + e0, packed, e0, m, 4, lo32, s32); break;                \
+                default: STORER(out + e0, packed, e0, m, 8, lo32, s32); break;               \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+    void NAME(const uint8_t *packed, int64_t row_len, int64_t gs, int64_t g0, int64_t g1,    \
+              int bits, const uint16_t *lo, int flags, const uint16_t *scale, T *out) {      \
+        int lo_f16 = flags & Q_LO_F16;                                                       \
+        Q_FOR_RUNS(flags, g0, g1,                                                            \
+                   NAME##_run(packed, row_len, gs, a_, b_, bits, lo, lo_f16, scale, out));   \
+    }
+
+DEQUANT_FN(fewbit_dequantize_f32, float, store_f32)
+DEQUANT_FN(fewbit_dequantize_f64, double, store_f64)
+DEQUANT_FN(fewbit_dequantize_bf16, uint16_t, store_bf16)
+DEQUANT_FN(fewbit_dequantize_f16, uint16_t, store_f16)
+
+/* Ask the kernel for transparent huge pages on the 2 MiB-aligned interior of a freshly
+ * allocated buffer of nbytes (a hint: contents and semantics are unchanged). Writing a fresh
+ * 64 MiB buffer otherwise takes 16384 page faults, which cost more than the codec itself. */
+void fewbit_advise_hugepages(void *p, int64_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+    uintptr_t b = ((uintptr_t)p + (uintptr_t)nbytes) & ~(huge - 1);
+    if (nbytes > 0 && b > a) (void)madvise((void *)a, b - a, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)nbytes;
+#endif
+}
