@@ -43,11 +43,12 @@ Paths (one format, interchangeable: each path dequantizes the others' output)
 * CPU, float16/bfloat16/float32/float64: the native C passes (:mod:`fewbit.codecs.native`,
   compiled at first use; ``FEWBIT_NATIVE=0`` or ``FEWBIT_COMPILE=0`` or no C compiler: the
   torch path below), one pass per direction over each group, no transient memory beyond the
-  outputs, group ranges in up to ``torch.get_num_threads()`` threads (results independent of
-  the thread count). Same bytes and bitwise the same dequantized values as the torch path,
-  with one exception: a group whose minimum (or maximum) is both +0.0 and -0.0 may store
-  the other zero in ``lo`` (or ``scale``), as torch's own vectorized ``amin``/``amax`` pick
-  by lane order; its dequantized values are equal as numbers (a zero's sign may differ).
+  outputs, groups split across torch's OpenMP threads when the library is built with OpenMP
+  (results independent of the thread count). Same bytes and bitwise the same dequantized
+  values as the torch path, with one exception: a group whose minimum (or maximum) is both
+  +0.0 and -0.0 may store the other zero in ``lo`` (or ``scale``), as torch's own vectorized
+  ``amin``/``amax`` pick by lane order; its dequantized values are equal as numbers (a
+  zero's sign may differ).
 * Otherwise PyTorch ops. On the CPU, tensors of at least ``_FUSED_MIN`` elements whose rows
   are whole groups go through the fused codec (:mod:`fewbit.codecs.fused`: compiled at first
   use, ``FEWBIT_COMPILE=0`` for eager), the rest through eager blocks of ``_CHUNK`` elements;
@@ -62,10 +63,9 @@ Paths (one format, interchangeable: each path dequantizes the others' output)
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -524,13 +524,8 @@ _NATIVE_NAMES = {
     torch.bfloat16: "bf16",
     torch.float16: "f16",
 }
-# Without OpenMP in the native library (see fewbit.codecs.native.uses_openmp): elements per
-# Python worker thread at least (below, one thread). Measured on 2 cores: worker threads
-# started right after torch's OpenMP regions compete with its spinning threads, so a 0.5M-element
-# 2-bit quantize+dequantize took 3.8 ms with 2 workers against 1.2 ms with one.
-_PER_THREAD = 1 << 23
-# With OpenMP: tensors from this many elements are split across torch's OpenMP threads by the
-# C code itself (no thread start-up; the pool is torch's own).
+# Tensors from this many elements are split across torch's OpenMP threads by the C code itself
+# when the native library is built with OpenMP (fewbit.codecs.native.uses_openmp); else serial.
 _OMP_MIN = 1 << 16
 # Flag bits of the C calls' ``flags`` argument (csrc/quantize.c).
 _FLAG_LO_F16, _FLAG_SPLIT = 1, 2
@@ -564,34 +559,14 @@ def _aligned(rows: int, row_len: int, group_size: int) -> bool:
     return group_size % 8 == 0 and (rows == 1 or row_len % 8 == 0)
 
 
-def _group_ranges(rows: int, row_len: int, group_size: int) -> list[tuple[int, int]]:
-    """Group ranges ``[g0, g1)`` for the Python worker threads (serial native library), split
-    only where :func:`_aligned` allows; one range otherwise."""
-    n_groups = rows * (-(-row_len // group_size))
-    workers = max(1, min(torch.get_num_threads(), rows * row_len // _PER_THREAD, n_groups))
-    if workers == 1 or not _aligned(rows, row_len, group_size):
-        return [(0, n_groups)]
-    step = -(-n_groups // workers)
-    return [(g, min(g + step, n_groups)) for g in range(0, n_groups, step)]
-
-
-def _run_native(run: Callable[[int, int, int], None], rows: int, row_len: int,
-                group_size: int) -> None:  # fmt: skip
-    """``run(g0, g1, split)`` over all groups: with OpenMP, one call that the C code splits
-    across torch's threads (``split`` = ``_FLAG_SPLIT`` when the layout is :func:`_aligned`
-    and the tensor has at least ``_OMP_MIN`` elements); else one call per Python worker
-    thread (the ctypes calls release the GIL; distinct ranges write disjoint outputs)."""
-    n_groups = rows * (-(-row_len // group_size))
-    if native.uses_openmp():
-        big = rows * row_len >= _OMP_MIN
-        run(0, n_groups, _FLAG_SPLIT if big and _aligned(rows, row_len, group_size) else 0)
-        return
-    ranges = _group_ranges(rows, row_len, group_size)
-    if len(ranges) == 1:
-        run(*ranges[0], 0)
-        return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(ranges)) as pool:
-        list(pool.map(lambda r: run(*r, 0), ranges))
+def _split_flag(rows: int, row_len: int, group_size: int) -> int:
+    """``_FLAG_SPLIT`` when the C call may split its groups across torch's OpenMP threads:
+    the library has OpenMP, the tensor has at least ``_OMP_MIN`` elements and every group
+    starts on a multiple of 8 elements (whole bytes of the packed stream at any bit width, so
+    threads never share a byte); else 0 (one thread)."""
+    aligned = group_size % 8 == 0 and (rows == 1 or row_len % 8 == 0)
+    big = rows * row_len >= _OMP_MIN
+    return _FLAG_SPLIT if aligned and big and native.uses_openmp() else 0
 
 
 def _native_quantize(
@@ -619,10 +594,8 @@ def _native_quantize(
     lo_f16 = _FLAG_LO_F16 if lo_dtype == torch.float16 else 0
     xp, pp, lp, sp = flat.data_ptr(), packed.data_ptr(), lo.data_ptr(), scale.data_ptr()
 
-    def run(g0: int, g1: int, split: int) -> None:
-        fn(xp, row_len, group_size, g0, g1, k, bits, lo_f16 | split, pp, lp, sp)
-
-    _run_native(run, rows, row_len, group_size)
+    flags = lo_f16 | _split_flag(rows, row_len, group_size)
+    fn(xp, row_len, group_size, 0, n_groups, k, bits, flags, pp, lp, sp)
     return packed, lo, scale
 
 
@@ -653,10 +626,8 @@ def _native_dequantize(
     lo_f16 = _FLAG_LO_F16 if lo.dtype == torch.float16 else 0
     pp, lp, sp, op = packed.data_ptr(), lo.data_ptr(), scale.data_ptr(), out.data_ptr()
 
-    def run(g0: int, g1: int, split: int) -> None:
-        fn(pp, row_len, group_size, g0, g1, bits, lp, lo_f16 | split, sp, op)
-
-    _run_native(run, rows, row_len, group_size)
+    flags = lo_f16 | _split_flag(rows, row_len, group_size)
+    fn(pp, row_len, group_size, 0, n_groups, bits, lp, flags, sp, op)
     return out
 
 
