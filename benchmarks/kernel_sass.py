@@ -218,6 +218,12 @@ def _groups() -> tuple[int, int]:
     return int(getattr(launch, "GPU_GROUPS", 512)), int(getattr(launch, "NUM_WARPS", 4))
 
 
+def _constexprs(mod: Any, kernel: str) -> set[str]:
+    """Names of a kernel's compile-time parameters (variants built for older kernels skip new
+    ones)."""
+    return {p.name for p in getattr(mod, kernel).params if p.is_constexpr}
+
+
 def _act_forward(act: str, dtype_name: str, bits: int) -> Callable[[Any], Any]:
     def build(mod: Any) -> tuple[dict[str, Any], dict[str, Any], int]:
         import torch
@@ -232,7 +238,8 @@ def _act_forward(act: str, dtype_name: str, bits: int) -> Callable[[Any], Any]:
         masked = bits == 1 and act in ("relu", "leaky_relu", "threshold", "hardtanh")
         consts = {"ACT": _act_id(mod, act), "BITS": bits, "P": byte_pad(bits),
                   "NB": (1 << bits) - 1, "SYMMETRIC": False, "GROUPS": groups,
-                  "PRECISE": not masked}  # fmt: skip
+                  "PRECISE": not masked, "WORDS": bits <= 4}  # fmt: skip
+        consts = {k: v for k, v in consts.items() if k in _constexprs(mod, "_forward_kernel")}
         return args, consts, warps
 
     return build

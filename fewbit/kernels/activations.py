@@ -25,7 +25,14 @@ from ..approx.registry import kernel_ids, kernel_mask_params
 from ..codecs.bitpack import check_bits, packed_nbytes
 from . import fmath
 from .bitpack import byte_pad, load_packed, store_packed
-from .launch import FLOAT_DTYPES, NUM_WARPS, check_launchable, groups_per_program, precise
+from .launch import (
+    FLOAT_DTYPES,
+    NUM_WARPS,
+    check_launchable,
+    device_guard,
+    groups_per_program,
+    precise,
+)
 
 __all__ = ["MASKED", "activation_backward", "activation_forward"]
 
@@ -69,8 +76,8 @@ def _forward_value(x, a, b, c, ACT: tl.constexpr, PRECISE: tl.constexpr, DTYPE: 
         y = tl.where(x > a, x - a, tl.where(x < -a, x + a, 0.0))
     elif ACT == 10:  # elu family, a = scale, b = alpha * scale, c = input scale
         y = tl.where(x <= 0.0, fmath.expm1(tl.minimum(x, 0.0) * c, PRECISE) * b, x * a)
-    elif ACT == 11:  # gelu
-        y = x * 0.5 * (1.0 + fmath.erf(x * 0.7071067811865476, PRECISE))
+    elif ACT == 11:  # gelu (torch's float32 formula with CUDA's erff, bit for bit)
+        y = fmath.gelu_fast(x)
     elif ACT == 12:  # gelu_tanh
         inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
         y = 0.5 * x * (1.0 + fmath.tanh(inner, PRECISE))
@@ -114,7 +121,33 @@ def _mask_code(x, c, d, ACT: tl.constexpr):
 
 
 @triton.jit
-def _table_code(x, bounds_ptr, NB: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+def _tagged(bounds_ptr, k, tag, DTYPE: tl.constexpr):
+    """Boundary k's float32 bits moved within one dtype step, with ``tag`` in the low bits.
+
+    For x of a 16-bit dtype (``DTYPE``), whose float32 patterns end in zeros below a step
+    (bfloat16: 0x10000, float16: 0x2000; t is a value of the dtype too), ``x > t`` is
+    unchanged: the result lies in [t, next dtype value above t) (negative t: one step toward
+    zero, then the tag, 1 <= tag < step); -0 counts as +0, +inf becomes a positive NaN
+    (nothing is above either) and -inf a finite value below every finite x.
+    """
+    if DTYPE == tl.bfloat16:
+        step: tl.constexpr = 0x10000
+    else:
+        step: tl.constexpr = 0x2000
+    t = tl.load(bounds_ptr + k) + 0.0  # -0.0 + 0.0 = +0.0
+    tb = t.to(tl.int32, bitcast=True)
+    return tl.where(tb < 0, tb - step, tb) | tag
+
+
+@triton.jit
+def _table_code(
+    x,
+    bounds_ptr,
+    NB: tl.constexpr,
+    BITS: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    DTYPE: tl.constexpr,
+):
     """Number of boundaries strictly below x (|x| if SYMMETRIC); the boundaries are sorted.
 
     NaN, as ``Table.encode``: 0 up to 4 bits (comparison count), NB above (torch.bucketize).
@@ -128,6 +161,20 @@ def _table_code(x, bounds_ptr, NB: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: 
         hi = tl.load(bounds_ptr + 1) < src
         mid = tl.where(hi, tl.load(bounds_ptr + 2), tl.load(bounds_ptr))
         code = hi.to(tl.int32) * 2 + (mid < src).to(tl.int32)
+    elif BITS == 3 and DTYPE != tl.float32:
+        # 3 compares; the last-level boundaries carry their code in low bits that no
+        # comparison with a dtype value can see (see _tagged)
+        t1 = tl.load(bounds_ptr + 1)
+        t3 = tl.load(bounds_ptr + 3)
+        t5 = tl.load(bounds_ptr + 5)
+        e0 = _tagged(bounds_ptr, 0, 1, DTYPE)
+        e2 = _tagged(bounds_ptr, 2, 3, DTYPE)
+        e4 = _tagged(bounds_ptr, 4, 5, DTYPE)
+        e6 = _tagged(bounds_ptr, 6, 7, DTYPE)
+        p2 = t3 < src
+        p1 = tl.where(p2, t5, t1) < src
+        last = tl.where(p1, tl.where(p2, e6, e2), tl.where(p2, e4, e0))
+        code = last & (fmath.less_bit(last.to(tl.float32, bitcast=True), src) | 6)
     elif BITS == 3:  # 3 compares, not 7 (NaN: every compare false, code 0 as the count)
         # bounds chosen by bit masks (integer ops), so no predicate stays live
         b0 = tl.load(bounds_ptr).to(tl.int32, bitcast=True)
@@ -157,6 +204,42 @@ def _table_code(x, bounds_ptr, NB: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: 
 
 
 @triton.jit
+def _group_words(code, BITS: tl.constexpr):
+    """[G, 8] codes below 2**BITS (BITS <= 4) -> [G] int32 words, code j at bits j*BITS."""
+    j = tl.arange(0, 8)
+    return tl.sum(code << (j * BITS)[None, :], axis=1)
+
+
+@triton.jit
+def _store_words(words_ptr, word, nq, BITS: tl.constexpr, Q: tl.constexpr):
+    """Store Q blocks of 4 group words (32 codes) as BITS int32 words each at ``words_ptr``.
+
+    Block q's words are the packed layout's bytes [4*BITS*q, 4*BITS*(q+1)) read as
+    little-endian int32; blocks q >= ``nq`` are not stored.
+    """
+    g02, g13 = tl.split(tl.reshape(word, (Q, 2, 2)))
+    g0, g2 = tl.split(g02)
+    g1, g3 = tl.split(g13)
+    q = tl.arange(0, Q)
+    ok = q < nq
+    p = words_ptr + q * BITS
+    if BITS == 1:
+        tl.store(p, g0 | (g1 << 8) | (g2 << 16) | (g3 << 24), mask=ok)
+    elif BITS == 2:
+        tl.store(p, g0 | (g1 << 16), mask=ok)
+        tl.store(p + 1, g2 | (g3 << 16), mask=ok)
+    elif BITS == 3:
+        tl.store(p, g0 | (g1 << 24), mask=ok)
+        tl.store(p + 1, (g1 >> 8) | (g2 << 16), mask=ok)
+        tl.store(p + 2, (g2 >> 16) | (g3 << 8), mask=ok)
+    else:
+        tl.store(p, g0, mask=ok)
+        tl.store(p + 1, g1, mask=ok)
+        tl.store(p + 2, g2, mask=ok)
+        tl.store(p + 3, g3, mask=ok)
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr,
     y_ptr,
@@ -175,21 +258,39 @@ def _forward_kernel(
     SYMMETRIC: tl.constexpr,
     GROUPS: tl.constexpr,
     PRECISE: tl.constexpr,
+    WORDS: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    group = pid * GROUPS + tl.arange(0, GROUPS)
-    offs = group[:, None] * 8 + tl.arange(0, 8)[None, :]
-    inside = offs < n
-    x_raw = tl.load(x_ptr + offs, mask=inside, other=0.0)
-    x = x_raw.to(tl.float32)
+    """One program: GROUPS groups of 8 elements from ``start``; offsets inside it are int32.
+
+    WORDS (BITS <= 4, n a multiple of 32): codes stored as int32 words, BITS per 32 codes
+    (no byte stores, no masks on codes). Otherwise byte stores below ``nbytes`` (the tail
+    of fewer than 32 elements, and 5 to 8 bits).
+    """
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * (GROUPS * 8)
+    loc = tl.arange(0, GROUPS)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    count = tl.minimum(n - start, GROUPS * 8).to(tl.int32)
+    inside = loc < count
+    x_raw = tl.load(x_ptr + start + loc, mask=inside, other=0.0)
+    if x_raw.dtype == tl.bfloat16:  # the exact widening as bit operations
+        x = (x_raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = x_raw.to(tl.float32)
     y = _forward_value(x, a, b, c, ACT, PRECISE, x_raw.dtype)
-    tl.store(y_ptr + offs, fmath.round_to(y, x_raw.dtype), mask=inside)
+    tl.store(y_ptr + start + loc, fmath.round_to(y, x_raw.dtype), mask=inside)
     if ACT < 10:
         code = _mask_code(x, c, d, ACT)
     else:
-        code = _table_code(x, bounds_ptr, NB, BITS, SYMMETRIC)
-    code = tl.where(inside, code, 0)
-    store_packed(packed_ptr, group, code, nbytes, BITS, P)
+        code = _table_code(x, bounds_ptr, NB, BITS, SYMMETRIC, x_raw.dtype)
+    if WORDS:
+        # GROUPS * 8 codes of BITS bits: GROUPS * BITS / 4 words per program
+        words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
+        words_ptr += pid.to(tl.int64) * (GROUPS // 4 * BITS)
+        _store_words(words_ptr, _group_words(code, BITS), count // 32, BITS, GROUPS // 4)
+    else:
+        code = tl.where(inside, code, 0)
+        group = pid.to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
+        store_packed(packed_ptr, group, code, nbytes, BITS, P)
 
 
 @triton.jit
@@ -349,14 +450,20 @@ def activation_forward(
     nbytes = packed_nbytes(n, bits)
     y = torch.empty_like(flat)
     packed = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
-    if n > 0:
-        groups = groups_per_program(flat)
-        _forward_kernel[_grid(n, groups)](
-            flat, y, packed, bounds, n, nbytes, a, b, c, d,
-            ACT=act, BITS=bits, P=byte_pad(bits), NB=(1 << bits) - 1,
-            SYMMETRIC=bool(symmetric), GROUPS=groups, PRECISE=precise(flat),
-            num_warps=NUM_WARPS,
-        )  # fmt: skip
+    # whole blocks of 32 codes as int32 words (BITS of them per block), the rest as bytes
+    n_words = n - n % 32 if bits <= 4 else 0
+    consts = dict(ACT=act, BITS=bits, P=byte_pad(bits), NB=(1 << bits) - 1,
+                  SYMMETRIC=bool(symmetric), PRECISE=precise(flat), num_warps=NUM_WARPS)
+    with device_guard(flat):
+        for lo, hi, words in ((0, n_words, True), (n_words, n, False)):
+            if hi == lo:
+                continue
+            groups = groups_per_program(flat)
+            b0 = lo * bits // 8  # a multiple of 4 * bits: word-aligned
+            _forward_kernel[_grid(hi - lo, groups)](
+                flat[lo:hi], y[lo:hi], packed[b0:], bounds, hi - lo, nbytes - b0, a, b, c, d,
+                GROUPS=groups, WORDS=words, **consts,
+            )  # fmt: skip
     return y.view(x.shape), packed
 
 
@@ -395,9 +502,10 @@ def activation_backward(
         raise ValueError("out must be a contiguous tensor of grad's dtype and numel")
     if n > 0:
         groups = groups_per_program(flat)
-        _backward_kernel[_grid(n, groups)](
-            flat, packed.reshape(-1).contiguous(), lv, out, n, nbytes,
-            BITS=bits, P=byte_pad(bits), GROUPS=groups, ZERO_EXACT=bool(zero_exact),
-            num_warps=NUM_WARPS,
-        )  # fmt: skip
+        with device_guard(flat):
+            _backward_kernel[_grid(n, groups)](
+                flat, packed.reshape(-1).contiguous(), lv, out, n, nbytes,
+                BITS=bits, P=byte_pad(bits), GROUPS=groups, ZERO_EXACT=bool(zero_exact),
+                num_warps=NUM_WARPS,
+            )  # fmt: skip
     return out.view(grad.shape)

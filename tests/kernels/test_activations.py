@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from fewbit.approx.functions import CONTINUOUS, normalize_params  # noqa: E402
 from fewbit.approx.table import Table  # noqa: E402
 from fewbit.codecs import bitpack  # noqa: E402
-from fewbit.kernels import activation_backward, activation_forward, available  # noqa: E402
+from fewbit.kernels import activation_backward, activation_forward, available, fmath  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 N = 20003  # not a multiple of 8: the last packed byte is partial
@@ -225,3 +226,91 @@ def test_available_only_for_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     assert available("cuda") is torch.cuda.is_available()
     monkeypatch.setenv("FEWBIT_DISABLE_TRITON", "1")
     assert available("cuda") is False
+
+
+# --- every bfloat16 / float16 value; several programs; the word-store path ---------------------
+
+
+def every_value(dtype: torch.dtype) -> torch.Tensor:
+    """All 65536 bit patterns of a 16-bit float (NaNs, infinities, subnormals, -0.0)."""
+    return torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+# Tables whose dtype-rounded boundaries are the hard cases of the tagged 3-bit search: -0.0,
+# zero-rounding and subnormal boundaries, the extremes (+-inf once rounded to float16), and
+# the shipped GELU table (a boundary of 2.4e-07).
+EDGE_TABLES = [
+    (-1e38, -2.0, -1e-40, -0.0, 1e-40, 0.5, 3e38),
+    (-65504.0, -1.0, -6e-8, 1e-45, 6e-8, 1.0, 65504.0),
+    (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0),
+    (1.0, 1.0078125, 1.015625, 1.0234375, 1.03125, 1.0390625, 1.046875),  # bf16 neighbours
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_codes_of_every_16_bit_value(dtype: torch.dtype) -> None:
+    """3-bit codes (boundaries tagged in their low bits) equal Table.encode for every value."""
+    from fewbit.approx.store import get_table
+
+    x = every_value(dtype)
+    tables = [Table(b, tuple(range(8))) for b in EDGE_TABLES]
+    tables += [get_table("gelu", 3), make_table(3, False), make_table(3, True)]
+    for table in tables:
+        bounds = torch.tensor(table.boundaries, dtype=torch.float64)
+        _, packed = activation_forward(x, "silu", None, bounds, table.symmetric, 3)
+        assert torch.equal(bitpack.unpack(packed, 3, x.numel()), table.encode(x)), table
+
+
+@triton.jit
+def _gelu_restated_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    y = x * 0.5 * (1.0 + fmath.erf_fast(x * 0.7071067811865476))  # torch's operation order
+    tl.store(y_ptr + offs, y, mask=offs < n)
+
+
+def gelu_erff_restated(x: torch.Tensor) -> torch.Tensor:
+    """torch's CUDA GELU in float32 (x * 0.5 * (1 + erff(x / sqrt 2))), erff restated by
+    fmath.erf_fast; the interpreter's 2**x is exact where the GPU's is the same
+    approximation in both formulas."""
+    xf = x.float().contiguous()
+    y = torch.empty_like(xf)
+    _gelu_restated_kernel[(triton.cdiv(xf.numel(), 1 << 16),)](xf, y, xf.numel(), BLOCK=1 << 16)
+    return y
+
+
+def test_gelu_every_bfloat16_value() -> None:
+    """Forward GELU for all 65536 bfloat16 inputs: torch's CUDA formula (erff restated), one
+    rounding, bit for bit; and within 1 ulp(y) + 1 ulp(x) of torch's CPU GELU, the tolerance
+    of test_table_activation_forward (whose erf is another implementation)."""
+    x = every_value(torch.bfloat16)
+    bounds = torch.arange(-3.0, 4.0, dtype=torch.float64)
+    y, _ = activation_forward(x, "gelu", None, bounds, False, 3)
+    ref = gelu_erff_restated(x)
+    nan = ref.isnan()  # NaN inputs, and -inf (-inf * 0): the same in y
+    assert torch.equal(y.isnan(), nan) and int(nan.sum()) == 255
+    assert torch.equal(y[~nan].view(torch.int16), ref[~nan].bfloat16().view(torch.int16))
+    # torch's CPU kernel overflows above 1.7e38 (it does not halve x first): compare below
+    cpu = F.gelu(x)
+    ok = x.isfinite() & (x.abs() < 1e38)
+    err = (y[ok].double() - cpu[ok].double()).abs()
+    assert bool((err <= ulp(cpu[ok], torch.bfloat16) + ulp(x[ok], torch.bfloat16)).all())
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5])
+def test_many_programs_and_partial_blocks(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small programs (8 groups = 64 elements): int32 words from several programs, then the
+    byte-stored tail (n % 32 != 0), give the torch packer's bytes; y as with one program."""
+    import fewbit.kernels.activations as act
+
+    table = make_table(bits, False)
+    bounds = torch.tensor(table.boundaries, dtype=torch.float64)
+    for dtype in DTYPES:
+        for n in (64, 96, 100, 131, 1000):  # fresh data each time: no stale bytes can match
+            x = sample(dtype, n)
+            whole_y, whole = activation_forward(x, "gelu", None, bounds, False, bits)
+            with monkeypatch.context() as m:
+                m.setattr(act, "groups_per_program", lambda t: 8)
+                y, packed = activation_forward(x, "gelu", None, bounds, False, bits)
+            assert torch.equal(packed, bitpack.pack(table.encode(x), bits)), (dtype, n)
+            assert torch.equal(whole, packed) and torch.equal(y, whole_y)

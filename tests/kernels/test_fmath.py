@@ -87,3 +87,56 @@ def test_erf_fast_against_float64_erf() -> None:
     assert y[x == float("inf")].item() == 1.0 and y[x == -float("inf")].item() == -1.0
     zeros = y[x == 0.0].view(torch.int32)
     assert torch.equal(zeros, x[x == 0.0].view(torch.int32))  # +-0 keep their sign
+
+
+@triton.jit
+def _gelu_pair_kernel(x_ptr, fast_ptr, ref_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(fast_ptr + offs, fmath.gelu_fast(x), mask=offs < n)
+    ref = x * 0.5 * (1.0 + fmath.erf_fast(x * 0.7071067811865476))  # torch's CUDA formula
+    tl.store(ref_ptr + offs, ref, mask=offs < n)
+
+
+def test_gelu_fast_is_torch_cuda_formula_bit_for_bit() -> None:
+    """gelu_fast (sign handled once, 0.5 folded into an fma) equals torch's CUDA formula with
+    erff restated, on random float32 bit patterns of every exponent: bit for bit, except a
+    float32 subnormal x with its last bit set (torch halves x first: one ulp at most)."""
+    torch.manual_seed(1)
+    x = torch.randint(-(1 << 31), (1 << 31) - 1, (1 << 18,), dtype=torch.int32).view(torch.float32)
+    special = [0.0, -0.0, float("inf"), -float("inf"), 1e-45, -1e-45, 3e-45, 3.4e38, -3.4e38]
+    x = torch.cat([x, torch.tensor(special), torch.linspace(-12.0, 12.0, 1 << 16)])
+    fast, ref = torch.empty_like(x), torch.empty_like(x)
+    _gelu_pair_kernel[(triton.cdiv(x.numel(), 1 << 16),)](x, fast, ref, x.numel(), BLOCK=1 << 16)
+    nan = ref.isnan()
+    assert torch.equal(fast.isnan(), nan)
+    odd_subnormal = (x.abs() < 2.0**-126) & (x.view(torch.int32) & 1 == 1)
+    exact = ~nan & ~odd_subnormal
+    assert torch.equal(fast[exact].view(torch.int32), ref[exact].view(torch.int32))
+    step = (fast[odd_subnormal].view(torch.int32) - ref[odd_subnormal].view(torch.int32)).abs()
+    assert int(odd_subnormal.sum()) > 0 and bool((step <= 1).all())
+
+
+@triton.jit
+def _less_bit_kernel(t_ptr, x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    t = tl.load(t_ptr + offs, mask=offs < n, other=0.0)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr + offs, fmath.less_bit(t, x), mask=offs < n)
+
+
+def test_less_bit_is_the_comparison() -> None:
+    """less_bit(t, x) == (t < x) for unequal t, x: signs, zeros against subnormals, the
+    extremes, infinities, and NaN t or x of either sign (0)."""
+    vals = [0x00000001, 0x80000001, 0x00800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x3F800000,
+            0xBF800000, 0x7F800000, 0xFF800000, 0x00010001, 0x80010001, 0x7FC00001,
+            0xFFC00001]  # fmt: skip
+    t = _bits(vals).view(torch.float32)
+    xs = torch.cat([t, _bits([0, 0x80000000, 0x7FC00000, 0xFFC00000, 0x7FFFFFFF,
+                              0xFFFFFFFF]).view(torch.float32)])  # fmt: skip
+    tt, xx = torch.meshgrid(t, xs, indexing="ij")
+    keep = tt.view(torch.int32) != xx.view(torch.int32)
+    tt, xx = tt[keep].contiguous(), xx[keep].contiguous()
+    out = torch.empty(tt.numel(), dtype=torch.int32)
+    _less_bit_kernel[(1,)](tt, xx, out, tt.numel(), BLOCK=512)
+    assert torch.equal(out, (tt < xx).int())
