@@ -3,18 +3,19 @@
 One pass each way. ``quantize`` reads x once: each program takes whole groups, finds their
 min/max, rounds ``lo`` down (bfloat16, or float16 for float16 inputs) and ``scale`` up
 (bfloat16), draws ``c = floor((x - lo) * inv + u)`` (``inv = 1 / scale`` rounded once per
-group) and writes the packed codes and the
-4 bytes of metadata per group. ``dequantize`` reads the codes and metadata and writes
-``lo + c * scale``. Same float32 operations as the torch codec, so given the same uniform
-noise ``u`` (argument ``noise``) the packed bytes, lo and scale are identical; the quantize
-kernel is compiled without floating-point contraction (``enable_fp_fusion=False``: a fused
-multiply-add of ``(x - lo) * inv + u`` would round once where the other paths round twice).
+group) and writes the packed codes and the 4 bytes of metadata per group. ``dequantize`` reads
+the codes and metadata and writes ``lo + c * scale``. Same float32 operations as the torch
+codec, so given the same uniform noise ``u`` (argument ``noise``) the packed bytes, lo and
+scale are identical; the quantize kernel is compiled without floating-point contraction
+(``enable_fp_fusion=False``: a fused multiply-add of ``(x - lo) * inv + u`` would round once
+where the other paths round twice).
 
-Noise by default: Philox-4x32 keyed by a 64-bit ``seed`` read from a one-element int64 tensor
-on the device (no host sync to draw it). Element ``e`` takes lane ``e % 4`` of the four
-32-bit words of ``philox(seed, counter=e // 4)`` (counter 64-bit: no repetition below 2**66
-elements), one Philox call per 4 elements, mapped to ``[0, 1)`` by
-``triton.language.random.uint_to_uniform_float``.
+Noise by default: the codec's own counter hash, so for the same seed the kernel writes the same
+bytes as the CPU paths. The 64-bit ``seed`` (a one-element int64 tensor on the device: no host
+sync) gives a 32-bit key ``k = mix32(high ^ mix32(low))`` (computed in the kernel), and element
+``e`` gets ``u = (mix32((e + k) mod 2**32) >> 8) * 2**-24``: about a dozen integer
+instructions per element, exactly uniform on its 2**24-point grid for a uniform key, repeating
+only for elements 2**32 apart in one tensor (see :func:`fewbit.codecs.quantize._uniform`).
 
 Layout restriction: every group must start at a multiple of 8 elements (a packed-byte
 boundary): ``group_size % 8 == 0`` and, with several rows, ``row_len % 8 == 0``
@@ -30,7 +31,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.random import uint_to_uniform_float
 
 from ..codecs.bitpack import packed_nbytes
 from ..codecs.quantize import (
@@ -44,7 +44,7 @@ from .bitpack import byte_pad, pack_groups, unpack_groups
 from .fmath import round_to
 from .launch import FLOAT_DTYPES, NUM_WARPS, check_launchable, device_guard, interpreting
 
-__all__ = ["dequantize", "philox_uniform", "quantize", "supports"]
+__all__ = ["dequantize", "quantize", "supports"]
 
 _GPU_ELEMENTS = 4096  # elements per program (whole groups)
 _INTERPRETER_ELEMENTS = 32768
@@ -70,35 +70,31 @@ def _finite(v):
 
 
 @triton.jit
-def _uniform(seed, elem, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """U[0, 1) noise of int64 element indices ``elem`` ([ROWS, COLS], runs of 4 consecutive
-    indices starting at multiples of 4 along a row): one Philox call per 4 elements."""
-    quad = tl.reshape(elem, (ROWS * COLS // 4, 4))
-    counter = tl.min(quad, axis=1) // 4
-    r0, r1, r2, r3 = tl.randint4x(seed, counter)
-    lo = tl.join(uint_to_uniform_float(r0), uint_to_uniform_float(r1))
-    hi = tl.join(uint_to_uniform_float(r2), uint_to_uniform_float(r3))
-    return tl.reshape(tl.join(lo, hi), (ROWS, COLS))
+def _mix32(h):
+    """The codec's 32-bit hash (:func:`fewbit.codecs.quantize._mix32`) on uint32 values:
+    xor-shift-multiply with the "lowbias32" constants, wrapping modulo 2**32."""
+    h = h ^ (h >> 16)
+    h = h * 0x7FEB352D
+    h = h ^ (h >> 15)
+    h = h * 0x846CA68B
+    return h ^ (h >> 16)
 
 
 @triton.jit
-def _uniform_rows(seed, base, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """:func:`_uniform` of elements ``base[r] + [0, COLS)`` (``base``: int64 [ROWS], multiples
-    of 4): the Philox counters come from ``base`` directly, with no reduction."""
-    counter = tl.reshape(base[:, None] // 4 + tl.arange(0, COLS // 4)[None, :], (ROWS * COLS // 4,))
-    r0, r1, r2, r3 = tl.randint4x(seed, counter)
-    lo = tl.join(uint_to_uniform_float(r0), uint_to_uniform_float(r1))
-    hi = tl.join(uint_to_uniform_float(r2), uint_to_uniform_float(r3))
-    return tl.reshape(tl.join(lo, hi), (ROWS, COLS))
+def _seed_key(seed):
+    """32-bit noise key of a 62-bit int64 seed, as :func:`fewbit.codecs.quantize._seed_key`:
+    ``mix32(high ^ mix32(low))`` of its two 32-bit halves."""
+    low = (seed & 0xFFFFFFFF).to(tl.uint32)
+    high = (seed >> 32).to(tl.uint32)
+    return _mix32(high ^ _mix32(low))
 
 
 @triton.jit
-def _noise_kernel(seed_ptr, out_ptr, start, n, BLOCK: tl.constexpr):
-    """Noise of elements ``start + [0, n)`` (``start`` a multiple of 4), for tests."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    elem = tl.reshape(start + i, (1, BLOCK))
-    u = tl.reshape(_uniform(tl.load(seed_ptr), elem, 1, BLOCK), (BLOCK,))
-    tl.store(out_ptr + i, u, mask=i < n)
+def _hash_uniform(start, COLS: tl.constexpr):
+    """Noise of elements ``e = base[r] + [0, COLS)`` given ``start[r] = (base[r] + key) mod
+    2**32`` (uint32 [ROWS]): ``(mix32(e + key) >> 8) * 2**-24``, the codec's counter hash."""
+    h = _mix32(start[:, None] + tl.arange(0, COLS).to(tl.uint32)[None, :])
+    return (h >> 8).to(tl.float32) * 5.9604644775390625e-08
 
 
 @triton.jit
@@ -170,7 +166,8 @@ def _quantize_kernel(
     if HAS_NOISE:
         u = tl.load(noise_ptr + elem, mask=valid, other=0.0)
     else:
-        u = _uniform_rows(tl.load(seed_ptr), row * row_len + col0, NG, GP)
+        start = (row * row_len + col0).to(tl.uint32) + _seed_key(tl.load(seed_ptr))
+        u = _hash_uniform(start, GP)
     code = tl.minimum(tl.maximum(tl.floor(v + u), 0.0), levels * 1.0).to(tl.int32)
     code = tl.where(valid, code, 0)
     offs, ok8 = _byte_groups(gi, gmask, groups_per_row, row_len, BITS, P, G, NG, GP)
@@ -255,9 +252,10 @@ def quantize(
     """Triton version of :func:`fewbit.codecs.quantize.quantize` (same format).
 
     Noise: ``noise`` (float32 in [0, 1), one per element in row-major order) if given, else
-    Philox keyed by ``seed`` (an int or a one-element int64 tensor, read on the device; drawn
-    by :func:`fewbit.codecs.quantize.draw_seed` from ``generator`` or the global RNG of
-    ``x``'s device when None). Stores ``ceil(numel*bits/8) + 4*n_groups`` bytes.
+    the codec's counter hash keyed by ``seed`` (the same bytes as the CPU paths; an int or a
+    one-element int64 tensor, read on the device; drawn by
+    :func:`fewbit.codecs.quantize.draw_seed` from ``generator`` or the global RNG of ``x``'s
+    device when None). Stores ``ceil(numel*bits/8) + 4*n_groups`` bytes.
     """
     if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
         raise TypeError("x must be a float32, float16 or bfloat16 tensor for the kernel")
@@ -296,24 +294,6 @@ def quantize(
                 num_warps=NUM_WARPS, enable_fp_fusion=False,
             )  # fmt: skip
     return QuantizedTensor(packed, lo, scale, x.shape, x.dtype, bits, group_size, per_sample)
-
-
-def philox_uniform(seed: int | Tensor, start: int, n: int, device: torch.device | str) -> Tensor:
-    """The kernel's noise for elements ``[start, start + n)`` (``start % 4 == 0``), float32.
-
-    For tests and for reproducing the kernel's rounding outside it.
-    """
-    if start % 4:
-        raise ValueError(f"start must be a multiple of 4, got {start}")
-    device = torch.device(device)
-    out = torch.empty(n, dtype=torch.float32, device=device)
-    seed_t = _seed_tensor(seed, None, device)
-    if n:
-        check_launchable(out, "device")
-        block = 1024
-        with device_guard(out):
-            _noise_kernel[(triton.cdiv(n, block),)](seed_t, out, start, n, BLOCK=block)
-    return out
 
 
 def dequantize(q: QuantizedTensor) -> Tensor:
