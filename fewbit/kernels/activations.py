@@ -89,8 +89,8 @@ def _forward_value(x, a, b, c, ACT: tl.constexpr, PRECISE: tl.constexpr, DTYPE: 
         y = x * fmath.tanh(fmath.log1p(fmath.exp(x, PRECISE), PRECISE), PRECISE)
     elif ACT == 16:  # sigmoid
         y = tl.math.div_rn(1.0, 1.0 + fmath.exp(-x, PRECISE))
-    elif ACT == 17:  # silu
-        y = tl.math.div_rn(x, 1.0 + fmath.exp(-x, PRECISE))
+    elif ACT == 17:  # silu (torch's x / (1 + exp(-x)), bit for bit)
+        y = fmath.silu_fast(x, PRECISE)
     elif ACT == 18:  # softplus, a = beta, b = threshold
         xb = x * a
         sp = fmath.log1p(fmath.exp(tl.where(xb > b, b, xb), PRECISE), PRECISE)
