@@ -137,16 +137,22 @@ def _quantize_kernel(
     BITS: tl.constexpr, P: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr,
     LO_FP16: tl.constexpr, HAS_NOISE: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
-    gi, elem, valid = _tile(pid, n_groups, groups_per_row, row_len, G, NG, GP)
+    # group indices in int32 (n_groups < 2**31: 32-bit division), element indices in int64
+    gi = tl.program_id(0) * NG + tl.arange(0, NG)
     row = gi // groups_per_row
     col0 = (gi % groups_per_row) * G
-    x = tl.load(x_ptr + elem, mask=valid, other=0.0).to(tl.float32)
+    base = row.to(tl.int64) * row_len + col0  # each group's first element
+    j = tl.arange(0, GP)
+    elem = base[:, None] + j[None, :]
+    valid = (j[None, :] < G) & ((col0[:, None] + j[None, :]) < row_len) & (gi < n_groups)[:, None]
+    # Masked-off positions load as NaN: min and max ignore NaN (PTX min/max, numpy's nanmin
+    # in the interpreter), and their codes come out 0 (NaN quotients count as 0 below).
+    x = tl.load(x_ptr + elem, mask=valid, other=float("nan")).to(tl.float32)
     levels: tl.constexpr = (1 << BITS) - 1
-    mn = tl.min(tl.where(valid, x, float("inf")), axis=1)
-    mx = tl.max(tl.where(valid, x, -float("inf")), axis=1)
+    mn = tl.min(x, axis=1)
+    mx = tl.max(x, axis=1)
     # x * 0 is NaN exactly for inf and NaN: one sum finds a non-finite element of the group
-    nonfinite = tl.sum(x * 0.0, axis=1) != 0.0  # masked-off elements load as 0
+    nonfinite = tl.sum(tl.where(valid, x, 0.0) * 0.0, axis=1) != 0.0
     if LO_FP16:  # float16 input: the minimum is a float16 value already
         lo = mn
     else:
@@ -166,13 +172,18 @@ def _quantize_kernel(
     if HAS_NOISE:
         u = tl.load(noise_ptr + elem, mask=valid, other=0.0)
     else:
-        start = (row * row_len + col0).to(tl.uint32) + _seed_key(tl.load(seed_ptr))
-        u = _hash_uniform(start, GP)
-    code = tl.minimum(tl.maximum(tl.floor(v + u), 0.0), levels * 1.0).to(tl.int32)
-    code = tl.where(valid, code, 0)
-    offs, ok8 = _byte_groups(gi, gmask, groups_per_row, row_len, BITS, P, G, NG, GP)
-    code8 = tl.reshape(code, (NG * GP // 8, 8))
+        u = _hash_uniform(base.to(tl.uint32) + _seed_key(tl.load(seed_ptr)), GP)
+    # clamp(floor(t), 0, L) == trunc(clamp(t, 0, L)): 0 and L are integers, and truncation
+    # is floor for t >= 0
+    code = tl.minimum(tl.maximum(v + u, 0.0), levels * 1.0).to(tl.int32)
+    # runs of 8 codes: a group starts on a packed byte (the layout restriction)
+    j8 = tl.arange(0, GP // 8)
+    ok8 = (j8[None, :] * 8 < G) & (col0[:, None] + j8[None, :] * 8 < row_len) & gmask[:, None]
+    run = (base // 8)[:, None] + j8[None, :]
     k = tl.arange(0, P)
+    offs = tl.reshape(run, (NG * GP // 8,))[:, None] * BITS + k[None, :]
+    ok8 = tl.reshape(ok8, (NG * GP // 8,))
+    code8 = tl.reshape(code, (NG * GP // 8, 8))
     mask = ok8[:, None] & (k[None, :] < BITS) & (offs < nbytes)
     tl.store(packed_ptr + offs, pack_groups(code8, BITS, P).to(tl.uint8), mask=mask)
 
