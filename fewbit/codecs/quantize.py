@@ -527,8 +527,9 @@ _NATIVE_NAMES = {
 # Tensors from this many elements are split across torch's OpenMP threads by the C code itself
 # when the native library is built with OpenMP (fewbit.codecs.native.uses_openmp); else serial.
 _OMP_MIN = 1 << 16
-# Flag bits of the C calls' ``flags`` argument (csrc/quantize.c).
-_FLAG_LO_F16, _FLAG_SPLIT = 1, 2
+# Flag bits of the C calls' ``flags`` argument (csrc/quantize.c); _FLAG_PORTABLE makes quantize
+# use its portable vector code where AVX-512 intrinsics would run (for tests: same bytes).
+_FLAG_LO_F16, _FLAG_SPLIT, _FLAG_PORTABLE = 1, 2, 4
 # Output buffers from this size get the huge-page hint (see _fresh).
 _HUGE_MIN = 4 << 20
 
@@ -570,11 +571,12 @@ def _split_flag(rows: int, row_len: int, group_size: int) -> int:
 
 
 def _native_quantize(
-    x: Tensor, key: Tensor, bits: int, group_size: int, per_sample: bool
+    x: Tensor, key: Tensor, bits: int, group_size: int, per_sample: bool, portable: bool = False
 ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     """(packed, lo, scale) of CPU ``x`` in one native pass per group, the same bytes as the
     torch path (same noise: ``key`` is :func:`_seed_key` of the seed); None when the native
-    library does not apply. Transient memory: none beyond the outputs."""
+    library does not apply. Transient memory: none beyond the outputs. ``portable``: the
+    C code's portable vector path even where its AVX-512 path would run (tests)."""
     if bits not in QUANT_BITS or not 1 <= group_size <= MAX_GROUP_SIZE:
         return None  # the C buffers hold one group of at most MAX_GROUP_SIZE elements
     lib = _native_lib(x, x.dtype)
@@ -594,7 +596,7 @@ def _native_quantize(
     lo_f16 = _FLAG_LO_F16 if lo_dtype == torch.float16 else 0
     xp, pp, lp, sp = flat.data_ptr(), packed.data_ptr(), lo.data_ptr(), scale.data_ptr()
 
-    flags = lo_f16 | _split_flag(rows, row_len, group_size)
+    flags = lo_f16 | _split_flag(rows, row_len, group_size) | (_FLAG_PORTABLE if portable else 0)
     fn(xp, row_len, group_size, 0, n_groups, k, bits, flags, pp, lp, sp)
     return packed, lo, scale
 

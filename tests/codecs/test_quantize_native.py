@@ -95,6 +95,11 @@ def test_native_gives_the_eager_bytes_and_values(
     want = _eager_quantize(x, bits, group_size, per_sample, monkeypatch)
     for a, b in zip(got, want):  # packed, lo, scale: every bit, NaN patterns included
         assert a.dtype == b.dtype and torch.equal(_bits_of(a), _bits_of(b))
+    # the portable vector code (run where AVX-512 is missing) writes the same bytes
+    portable = qmod._native_quantize(x, qmod._seed_key(SEED), bits, group_size, per_sample, True)
+    assert portable is not None
+    for a, b in zip(portable, want):
+        assert torch.equal(_bits_of(a), _bits_of(b))
     args = (list(shape), dtype, bits, group_size, per_sample)
     y = qmod._native_dequantize(*want, *args)
     assert y is not None

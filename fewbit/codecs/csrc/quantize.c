@@ -25,8 +25,14 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define Q_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+/* quantize: AVX-512 intrinsics for min/max and codes (one instruction per min, max and clamp
+ * where the vector code above needs a compare and a blend), picked at run time */
+#define Q_HAVE_512 1
+#include <immintrin.h>
+#define Q_T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #else
 #define Q_CLONES
+#define Q_HAVE_512 0
 #endif
 #define Q_INLINE static inline __attribute__((always_inline))
 
@@ -206,6 +212,88 @@ Q_INLINE void group_codes(const float *buf, int m, float lo32, float inv, uint32
     for (; k < m; k++) codes[k] = code_of(buf[k], lo32, inv, k0 + (uint32_t)k, L);
 }
 
+#if Q_HAVE_512
+/* group_range with AVX-512 min/max: _mm512_min_ps(v, mn) is v < mn ? v : mn per lane, as in
+ * min_max_step, so the lanes and the result are those of group_range */
+Q_T512 static inline int group_range512(const float *buf, int64_t m, float *mn_out,
+                                        float *mx_out) {
+    __m512 mn0 = _mm512_set1_ps(buf[0]), mx0 = mn0, mn1 = mn0, mx1 = mn0;
+    __m512i nf0 = _mm512_setzero_si512(), nf1 = nf0;
+    int64_t k = 0;
+    for (; k + 32 <= m; k += 32) {
+        __m512 a = _mm512_loadu_ps(buf + k), b = _mm512_loadu_ps(buf + k + 16);
+        mn0 = _mm512_min_ps(a, mn0);
+        mx0 = _mm512_max_ps(a, mx0);
+        mn1 = _mm512_min_ps(b, mn1);
+        mx1 = _mm512_max_ps(b, mx1);
+        nf0 = _mm512_or_si512(nf0, _mm512_castps_si512(_mm512_sub_ps(a, a)));
+        nf1 = _mm512_or_si512(nf1, _mm512_castps_si512(_mm512_sub_ps(b, b)));
+    }
+    for (; k + 16 <= m; k += 16) {
+        __m512 a = _mm512_loadu_ps(buf + k);
+        mn0 = _mm512_min_ps(a, mn0);
+        mx0 = _mm512_max_ps(a, mx0);
+        nf0 = _mm512_or_si512(nf0, _mm512_castps_si512(_mm512_sub_ps(a, a)));
+    }
+    /* as min_max_step(&mn1, ...) then min_max_step(&mx1, ...) */
+    mn0 = _mm512_min_ps(mn1, mn0);
+    mx0 = _mm512_max_ps(mn1, mx0);
+    mn0 = _mm512_min_ps(mx1, mn0);
+    mx0 = _mm512_max_ps(mx1, mx0);
+    nf0 = _mm512_or_si512(nf0, nf1);
+    float mnl[16], mxl[16];
+    int32_t nfl[16];
+    _mm512_storeu_ps(mnl, mn0);
+    _mm512_storeu_ps(mxl, mx0);
+    _mm512_storeu_si512(nfl, nf0);
+    float mn = buf[0], mx = buf[0];
+    int32_t nf = 0;
+    for (int t = 0; t < 16; t++) {
+        mn = mnl[t] < mn ? mnl[t] : mn;
+        mx = mxl[t] > mx ? mxl[t] : mx;
+        nf |= nfl[t];
+    }
+    for (; k < m; k++) {
+        float v = buf[k];
+        mn = v < mn ? v : mn;
+        mx = v > mx ? v : mx;
+        nf |= !(fabsf(v) <= 3.4028234663852886e38f);
+    }
+    *mn_out = mn;
+    *mx_out = mx;
+    return nf == 0;
+}
+
+/* group_codes with AVX-512: max_ps(t, 0) is t > 0 ? t : 0 (NaN -> 0) and min_ps(t, L) is
+ * t < L ? t : L, the clamps of code_of */
+Q_T512 static inline void group_codes512(const float *buf, int m, float lo32, float inv,
+                                         uint32_t k0, float L, uint8_t *codes) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 lo = _mm512_set1_ps(lo32), iv = _mm512_set1_ps(inv), Lv = _mm512_set1_ps(L);
+    const __m512 zero = _mm512_setzero_ps(), step = _mm512_set1_ps(5.9604644775390625e-08f);
+    const __m512i c1 = _mm512_set1_epi32(0x7feb352d), c2 = _mm512_set1_epi32((int)0x846ca68bu);
+    __m512i idx = _mm512_add_epi32(iota, _mm512_set1_epi32((int)k0));
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    int k = 0;
+    for (; k + 16 <= m; k += 16) {
+        __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(buf + k), lo), iv);
+        __m512i h = idx;
+        idx = _mm512_add_epi32(idx, sixteen);
+        h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+        h = _mm512_mullo_epi32(h, c1);
+        h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+        h = _mm512_mullo_epi32(h, c2);
+        h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+        /* v + (h >> 8) * 2^-24 in one fused multiply-add: the product is exact (a 24-bit
+         * integer times a power of two), so this is the rounded sum v + u of code_of */
+        __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), step, v);
+        t = _mm512_min_ps(_mm512_max_ps(t, zero), Lv);
+        _mm_storeu_si128((__m128i *)(codes + k), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(t)));
+    }
+    for (; k < m; k++) codes[k] = code_of(buf[k], lo32, inv, k0 + (uint32_t)k, L);
+}
+#endif
+
 /* group inputs as float32: a copy into buf, or the input itself for float32 */
 Q_INLINE const float *load_f32(const float *x, int64_t m, float *buf) {
     (void)m;
@@ -259,13 +347,15 @@ Q_INLINE void group_meta(int bad, float mn, float mx, float L, int lo_f16, uint1
 
 /* ---- calls: groups [g0, g1), element e0 of group g = row * row_len + col * gs ----
  *
- * flags: bit 0 = lo is float16 (else bfloat16); bit 1 = the caller allows splitting the
+ * flags: bit 0 = lo is float16 (else bfloat16); bit 2 = quantize with the portable vector
+ * code even on AVX-512 machines (tests compare both); bit 1 = the caller allows splitting the
  * groups across OpenMP threads (torch's pool when the library is built with -fopenmp): it
  * sets it only when every group starts on a multiple of 8 elements (no two threads share a
  * packed byte). Each thread takes one contiguous run of groups; results do not depend on the
  * split. */
 #define Q_LO_F16 1
 #define Q_SPLIT 2
+#define Q_PORTABLE 4 /* quantize: the vector-extension code even where AVX-512 is present */
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -293,39 +383,65 @@ Q_INLINE void group_meta(int bad, float mn, float mx, float L, int lo_f16, uint1
     } while (0)
 #endif
 
-#define QUANT_FN(NAME, T, LOADER)                                                            \
-    Q_CLONES static void NAME##_run(const T *x, int64_t row_len, int64_t gs, int64_t g0,     \
-                                    int64_t g1, uint32_t key, int bits, int lo_f16,          \
-                                    uint8_t *packed, uint16_t *lo_out,                       \
-                                    uint16_t *scale_out) {                                   \
-        int64_t gpr = (row_len + gs - 1) / gs;                                               \
-        const float L = (float)((1 << bits) - 1);                                            \
-        float buf[QMAX_GROUP] __attribute__((aligned(64)));                                  \
-        uint8_t codes[QMAX_GROUP] __attribute__((aligned(64)));                              \
-        for (int64_t g = g0; g < g1; g++) {                                                  \
-            int64_t r = g / gpr, c = g % gpr;                                                \
-            int64_t e0 = r * row_len + c * gs;                                               \
-            int64_t m = row_len - c * gs < gs ? row_len - c * gs : gs;                       \
-            const float *v = LOADER(x + e0, m, buf);                                         \
-            float mn, mx, lo32, scale32;                                                     \
-            int bad = !group_range(v, m, &mn, &mx);                                          \
-            group_meta(bad, mn, mx, L, lo_f16, &lo_out[g], &scale_out[g], &lo32, &scale32); \
-            float inv = 1.0f / (scale32 > 0.0f ? scale32 : 1.0f);                            \
-            group_codes(v, (int)m, lo32, inv, key + (uint32_t)e0, L, codes);                 \
-            switch (bits) { /* constant bit width in each inlined copy */                    \
-                case 1: pack_codes(codes, m, e0, 1, packed); break;                          \
-                case 2: pack_codes(codes, m, e0, 2, packed); break;                          \
-                case 4: pack_codes(codes, m, e0, 4, packed); break;                          \
-                default: pack_codes(codes, m, e0, 8, packed); break;                         \
-            }                                                                                \
+/* the group loop of one run, with the given range and codes functions */
+#define QUANT_GROUPS(T, LOADER, RANGE, CODES)                                                \
+    int64_t gpr = (row_len + gs - 1) / gs;                                                   \
+    const float L = (float)((1 << bits) - 1);                                                \
+    float buf[QMAX_GROUP] __attribute__((aligned(64)));                                      \
+    uint8_t codes[QMAX_GROUP] __attribute__((aligned(64)));                                  \
+    for (int64_t g = g0; g < g1; g++) {                                                      \
+        int64_t r = g / gpr, c = g % gpr;                                                    \
+        int64_t e0 = r * row_len + c * gs;                                                   \
+        int64_t m = row_len - c * gs < gs ? row_len - c * gs : gs;                           \
+        const float *v = LOADER(x + e0, m, buf);                                             \
+        float mn, mx, lo32, scale32;                                                         \
+        int bad = !RANGE(v, m, &mn, &mx);                                                    \
+        group_meta(bad, mn, mx, L, lo_f16, &lo_out[g], &scale_out[g], &lo32, &scale32);     \
+        float inv = 1.0f / (scale32 > 0.0f ? scale32 : 1.0f);                                \
+        CODES(v, (int)m, lo32, inv, key + (uint32_t)e0, L, codes);                           \
+        switch (bits) { /* constant bit width in each inlined copy */                        \
+            case 1: pack_codes(codes, m, e0, 1, packed); break;                              \
+            case 2: pack_codes(codes, m, e0, 2, packed); break;                              \
+            case 4: pack_codes(codes, m, e0, 4, packed); break;                              \
+            default: pack_codes(codes, m, e0, 8, packed); break;                             \
         }                                                                                    \
+    }
+
+#define QUANT_ARGS(T)                                                                        \
+    const T *x, int64_t row_len, int64_t gs, int64_t g0, int64_t g1, uint32_t key, int bits, \
+        int lo_f16, uint8_t *packed, uint16_t *lo_out, uint16_t *scale_out
+
+#if Q_HAVE_512
+#define QUANT_RUN512(NAME, T, LOADER)                                                        \
+    Q_T512 static void NAME##_run512(QUANT_ARGS(T)) {                                        \
+        QUANT_GROUPS(T, LOADER, group_range512, group_codes512)                              \
     }                                                                                        \
+    typedef void (*NAME##_fn)(QUANT_ARGS(T));                                                \
+    static NAME##_fn NAME##_pick(int flags) {                                                \
+        int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && \
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");  \
+        return avx512 && !(flags & Q_PORTABLE) ? NAME##_run512 : NAME##_run;                 \
+    }
+#else
+#define QUANT_RUN512(NAME, T, LOADER)                                                        \
+    typedef void (*NAME##_fn)(QUANT_ARGS(T));                                                \
+    static NAME##_fn NAME##_pick(int flags) {                                                \
+        (void)flags;                                                                         \
+        return NAME##_run;                                                                   \
+    }
+#endif
+
+#define QUANT_FN(NAME, T, LOADER)                                                            \
+    Q_CLONES static void NAME##_run(QUANT_ARGS(T)) {                                         \
+        QUANT_GROUPS(T, LOADER, group_range, group_codes)                                    \
+    }                                                                                        \
+    QUANT_RUN512(NAME, T, LOADER)                                                            \
     void NAME(const T *x, int64_t row_len, int64_t gs, int64_t g0, int64_t g1, uint32_t key, \
               int bits, int flags, uint8_t *packed, uint16_t *lo_out, uint16_t *scale_out) { \
         int lo_f16 = flags & Q_LO_F16;                                                       \
+        NAME##_fn run = NAME##_pick(flags);                                                  \
         Q_FOR_RUNS(flags, g0, g1,                                                            \
-                   NAME##_run(x, row_len, gs, a_, b_, key, bits, lo_f16, packed, lo_out,     \
-                              scale_out));                                                   \
+                   run(x, row_len, gs, a_, b_, key, bits, lo_f16, packed, lo_out, scale_out)); \
     }
 
 QUANT_FN(fewbit_quantize_f32, float, load_f32)
