@@ -1,7 +1,7 @@
 """Native CPU codecs: a small C file compiled at first use, called through ctypes.
 
-``csrc/*.c`` (plain C, no torch headers; ``activations.c``, ``quantize.c`` and the shared
-``float_bits.h``) make one pass per direction for the
+``csrc/*.c`` (plain C, no torch headers; ``activations.c``, ``quantize.c``, ``dropout.c``
+and the shared ``float_bits.h``) make one pass per direction for the
 few-bit activations: encode + pack + per-chunk count of non-finite inputs, and unpack + level
 lookup + multiply; for 1-bit masks (computed by torch), packing and the non-finite counts;
 for the group quantizer (:mod:`fewbit.codecs.quantize`), quantize + pack and unpack +
@@ -40,7 +40,7 @@ __all__ = ["library", "native_enabled", "uses_openmp", "SOURCES"]
 
 CSRC = Path(__file__).with_name("csrc")
 # Compiled together into one library; headers in CSRC are part of the cache key.
-SOURCES = (CSRC / "activations.c", CSRC / "quantize.c")
+SOURCES = (CSRC / "activations.c", CSRC / "quantize.c", CSRC / "dropout.c")
 _FLAGS = ("-O3", "-fPIC", "-shared", "-std=c99", "-ffp-contract=off", "-fno-math-errno")
 # Compiler used when $CC is unset (tests point it at a missing program to check the fallback).
 COMPILER = "cc"
@@ -83,6 +83,16 @@ for _name in ("f32", "f64", "bf16", "f16"):
         [_ptr, _i64, _i64, _i64, _i64, _i32, _ptr, _i32, _ptr, _ptr],
         None,
     )
+
+
+for _name in ("f32", "f64", "bf16", "f16"):
+    # dropout.c: x, n, k0, k1, thr, scale, out, packed / packed, n, grad, scale, out
+    _SIGNATURES[f"fewbit_dropout_fwd_{_name}"] = (
+        [_ptr, _i64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_double, _ptr,
+         _ptr],
+        None,
+    )
+    _SIGNATURES[f"fewbit_dropout_bwd_{_name}"] = ([_ptr, _i64, _ptr, ctypes.c_double, _ptr], None)
 
 
 def native_enabled() -> bool:

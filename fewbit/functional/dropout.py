@@ -1,17 +1,37 @@
 """Dropout that saves its keep-mask at 1 bit per element (lossless).
 
-:func:`dropout` stores ``ceil(n / 8)`` bytes for backward (a :class:`MaskPacker` code) instead
-of torch's ``n``-element noise tensor in the input dtype (the CPU keeps it as float32: 32x).
-Gradients are bitwise torch's.
+:func:`dropout` stores ``ceil(n / 8)`` bytes for backward (a 1-bit
+:class:`~fewbit.codecs.protocol.PackedCodes`, the layout of
+:class:`~fewbit.codecs.protocol.BitPacker`: bit ``e`` of the stream is element ``e`` of the
+flattened tensor) instead of torch's ``n``-element noise tensor in the input dtype (the CPU
+keeps it as float32: 32x).
 
-Passes over ``n`` elements on the CPU: forward draws the noise as torch does (one write),
-then one fused pass (``torch.compile`` of plain torch ops via :func:`fewbit.codecs.fused.fused`,
-from ``FUSED_MIN`` elements, contiguous tensors, ``n % 8 == 0``) reads ``x`` and the noise
-and writes the output and the packed mask; backward is one fused pass reading the gradient
-and the mask. Outputs and gradients are bitwise the eager path's and torch's. Otherwise
-(eager): forward turns the noise into the mask, scales it, multiplies and packs the mask
-(:class:`~fewbit.codecs.protocol.BitPacker`); backward unpacks the mask to bytes, converts
-them to the gradient's dtype, scales and multiplies.
+The mask on the CPU (:func:`keep_mask`): element ``e`` (its index in the flattened tensor,
+64-bit) is kept when ``(hash(e) >> 8) >= thr`` with ``thr = round(p * 2**24)`` and
+``hash(e) = mix32(mix32(lo + k0) ^ k1 ^ mix32(hi))`` (``lo``/``hi`` the low/high 32 bits of
+``e``; ``mix32`` a bijective xorshift-multiply hash of 32-bit integers; all arithmetic mod
+``2**32``). The keys ``k0, k1`` are two 32-bit integers drawn per call from ``generator``
+(default: torch's CPU generator) with ``torch.randint``, so ``torch.manual_seed`` reproduces
+the mask, and so does activation checkpointing's RNG-state restore in the recompute. For fixed
+keys the hash of ``lo`` is a bijection, so every aligned run of ``2**32`` elements keeps
+exactly ``2**32 - thr * 2**8`` of them: the keep probability is ``1 - thr / 2**24``, within
+``2**-25`` of ``1 - p``. The mask is not the one torch's dropout draws under the same seed
+(same distribution, other numbers; fewbit's CPU dropout used torch's draws before).
+
+Output and gradient are torch's arithmetic given the mask: ``x * noise`` and
+``grad * noise`` with ``noise = mask / (1 - p)`` in the input dtype (``scale`` rounded as
+torch's ``noise.div_(1 - p)``); a dropped element is ``x * 0`` (``-0.0`` for negative ``x``,
+NaN for NaN/inf ``x``, as in torch).
+
+Passes over ``n`` elements on the CPU with the native library
+(:func:`fewbit.codecs.native.library`): forward is one C pass (reads ``x``, writes the output
+and the packed mask; the keep bits come from the hash, no noise tensor), backward one C pass
+(reads the gradient and the mask), both on torch's OpenMP threads. Non-contiguous tensors are
+first copied contiguous. Without the library (``FEWBIT_COMPILE=0``, no C compiler) the same
+hash runs as torch int64 ops in 1M-element chunks (same mask, same bytes; slower). While
+``torch.compile`` traces, the CPU passes are the custom ops ``fewbit::dropout_forward`` and
+``fewbit::dropout_backward`` (same computation). Other devices (CUDA) draw the mask with
+torch's ``bernoulli_`` and pack it (:class:`~fewbit.codecs.protocol.BitPacker`).
 """
 
 from __future__ import annotations
@@ -22,55 +42,146 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ..codecs.fused import compile_enabled, fused
+from ..codecs.bitpack import pack, packed_nbytes, unpack
+from ..codecs.marks import mark_compact
+from ..codecs.native import library
 from ..codecs.protocol import BitPacker, PackedCodes
 from .saved import load_encoded, save_encoded
 
-__all__ = ["dropout"]
+__all__ = ["dropout", "keep_mask", "keep_threshold"]
 
-# Fused (compiled, one pass) CPU path from this many elements on; smaller tensors run eagerly
-# (compiling costs seconds once; Inductor caches it on disk).
-FUSED_MIN = 1 << 16
-
-
-def _forward_flat(x: Tensor, noise: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
-    """``x * noise`` (noise in {0, scale}) and the 1-bit keep-mask packed, flat, ``n % 8 == 0``.
-
-    Written as plain elementwise torch ops so that ``torch.compile`` makes one loop of it.
-    """
-    keep = (noise != 0).reshape(-1, 8).to(torch.uint8)
-    packed = keep[:, 0]
-    for k in range(1, 8):
-        packed = packed | (keep[:, k] << k)
-    out = x * torch.where(noise != 0, scale, torch.zeros_like(scale))
-    return out, packed
+_MASK32 = 0xFFFFFFFF
+_MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B
+# Elements per chunk of the eager hash (a multiple of 8): its int64 temporaries are
+# 8 bytes per element each, so chunks bound them to a few MiB.
+_EAGER_CHUNK = 1 << 20
+_C_NAMES = {
+    torch.float32: "f32",
+    torch.float64: "f64",
+    torch.bfloat16: "bf16",
+    torch.float16: "f16",
+}
 
 
-def _backward_flat(grad: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
-    """``grad * noise`` with noise rebuilt from the packed mask (flat, ``n % 8 == 0``)."""
-    i = torch.arange(grad.numel(), device=grad.device)
-    bits = (packed[i // 8] >> (i % 8).to(torch.uint8)) & 1
-    return grad * torch.where(bits != 0, scale, torch.zeros_like(scale))
+def keep_threshold(p: float) -> int:
+    """``thr = round(p * 2**24)``: element kept when ``(hash >> 8) >= thr``, i.e. with
+    probability ``1 - thr / 2**24`` (within ``2**-25`` of ``1 - p``)."""
+    return int(round(p * (1 << 24)))
 
 
-_forward_fused = fused(_forward_flat)
-_backward_fused = fused(_backward_flat)
+def _mix32_int(h: int) -> int:
+    """``mix32`` of one Python integer in ``[0, 2**32)``."""
+    h ^= h >> 16
+    h = (h * _MIX1) & _MASK32
+    h ^= h >> 15
+    h = (h * _MIX2) & _MASK32
+    return h ^ (h >> 16)
 
 
-def _use_fused(*tensors: Tensor) -> bool:
-    t = tensors[0]
-    return (
-        t.device.type == "cpu"
-        and compile_enabled()
-        and FUSED_MIN <= t.numel()
-        and t.numel() % 8 == 0
-        and all(u.is_contiguous() for u in tensors)
-    )
+def _mul32(h: Tensor, c: int) -> Tensor:
+    """``(h * c) mod 2**32`` for int64 ``h`` in ``[0, 2**32)``, in 16-bit halves of ``c`` so
+    that no int64 product overflows (each is below ``2**48``)."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(h: Tensor) -> Tensor:
+    """``mix32`` elementwise on int64 ``h`` in ``[0, 2**32)`` (shifts of non-negative values
+    are logical)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, _MIX1)
+    h = h ^ (h >> 15)
+    h = _mul32(h, _MIX2)
+    return h ^ (h >> 16)
+
+
+def keep_mask(start: int, stop: int, k0: int, k1: int, thr: int) -> Tensor:
+    """Keep bits (bool, CPU) of the elements ``start .. stop - 1`` for keys ``k0, k1`` and
+    threshold ``thr`` (the eager form of the C hash in ``csrc/dropout.c``)."""
+    e = torch.arange(start, stop, dtype=torch.int64)
+    his = {start >> 32, (stop - 1) >> 32} if stop > start else set()
+    if len(his) == 1:  # one 2**32-element run: one key (a Python int) for it
+        kb: Any = k1 ^ _mix32_int(his.pop())
+    else:
+        kb = k1 ^ _mix32(e >> 32)
+    h = _mix32(((e & _MASK32) + k0) & _MASK32)
+    h = _mix32(h ^ kb)
+    return (h >> 8) >= thr
+
+
+def _draw_keys(generator: Optional[torch.Generator]) -> Tensor:
+    """The two 32-bit hash keys of one call (int64, CPU), drawn from ``generator``."""
+    return torch.randint(0, 1 << 32, (2,), dtype=torch.int64, generator=generator)
 
 
 def _scale(p: float, dtype: torch.dtype) -> Tensor:
     """``1 / (1 - p)`` rounded as torch's dropout rounds it (``ones.div_(1 - p)``)."""
     return torch.ones((), dtype=dtype).div_(1 - p)
+
+
+def _forward_cpu(
+    x: Tensor, keys: Tensor, p: float, out: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """Output ``x * noise`` (into ``out`` if given: contiguous, ``x``'s shape and dtype,
+    possibly ``x`` itself) and the packed 1-bit mask, for a CPU tensor."""
+    k0, k1 = (int(k) for k in keys.tolist())
+    thr, n = keep_threshold(p), x.numel()
+    scale = _scale(p, x.dtype)
+    lib = library() if x.dtype in _C_NAMES else None
+    if lib is not None:
+        xc = x.contiguous()
+        if out is None:
+            out = torch.empty(x.shape, dtype=x.dtype)
+        packed = torch.empty(packed_nbytes(n, 1), dtype=torch.uint8)
+        fn = getattr(lib, f"fewbit_dropout_fwd_{_C_NAMES[x.dtype]}")
+        fn(xc.data_ptr(), n, k0, k1, thr, scale.item(), out.data_ptr(), packed.data_ptr())
+        return out, packed
+    keep = torch.empty(n, dtype=torch.bool)
+    for start in range(0, n, _EAGER_CHUNK):
+        stop = min(n, start + _EAGER_CHUNK)
+        keep[start:stop] = keep_mask(start, stop, k0, k1, thr)
+    noise = torch.where(keep.view(x.shape), scale, torch.zeros((), dtype=x.dtype))
+    if out is None:
+        out = x * noise
+    else:
+        torch.mul(x, noise, out=out)
+    return out, pack(keep.view(torch.uint8), 1)
+
+
+def _backward_cpu(grad: Tensor, packed: Tensor, p: float) -> Tensor:
+    """``grad * noise`` with the noise rebuilt from the packed mask, for a CPU tensor."""
+    n = grad.numel()
+    lib = library() if grad.dtype in _C_NAMES else None
+    if lib is not None:
+        g = grad.contiguous()
+        out = torch.empty(grad.shape, dtype=grad.dtype)
+        fn = getattr(lib, f"fewbit_dropout_bwd_{_C_NAMES[grad.dtype]}")
+        fn(packed.data_ptr(), n, g.data_ptr(), _scale(p, grad.dtype).item(), out.data_ptr())
+        return out
+    noise = unpack(packed, 1, n).view(grad.shape).to(grad.dtype)
+    noise.div_(1 - p)
+    return grad * noise
+
+
+# The CPU passes as custom ops while torch.compile traces (ctypes calls cannot be traced).
+@torch.library.custom_op("fewbit::dropout_forward", mutates_args=())
+def _forward_op(x: Tensor, keys: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    return _forward_cpu(x, keys, p)
+
+
+@_forward_op.register_fake
+def _(x: Tensor, keys: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return out, x.new_empty(packed_nbytes(x.numel(), 1), dtype=torch.uint8)
+
+
+@torch.library.custom_op("fewbit::dropout_backward", mutates_args=())
+def _backward_op(grad: Tensor, packed: Tensor, p: float) -> Tensor:
+    return _backward_cpu(grad, packed, p)
+
+
+@_backward_op.register_fake
+def _(grad: Tensor, packed: Tensor, p: float) -> Tensor:
+    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
 
 
 class _Dropout(torch.autograd.Function):
@@ -80,15 +191,25 @@ class _Dropout(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, x: Tensor, p: float, inplace: bool, generator: Optional[torch.Generator]
     ) -> Tensor:
-        # Same draws and arithmetic as torch's non-fused dropout: noise = bernoulli(1-p)/(1-p).
+        ctx.p = p  # type: ignore[attr-defined]
+        ctx.hashed = x.device.type == "cpu"  # type: ignore[attr-defined]
+        if ctx.hashed:  # type: ignore[attr-defined]
+            keys = _draw_keys(generator)
+            if torch.compiler.is_compiling():
+                out, packed = _forward_op(x, keys, p)
+            else:
+                direct = inplace and x.is_contiguous()
+                out, packed = _forward_cpu(x, keys, p, x if direct else None)
+            if not torch.compiler.is_compiling():  # a trace cannot set Python attributes
+                packed = mark_compact(packed)  # the generic mode leaves it alone
+            ctx.save_for_backward(packed)
+            if not inplace:
+                return out
+            ctx.mark_dirty(x)
+            return x if out is x else x.copy_(out)
+        # Other devices: torch's draws, noise = bernoulli(1-p)/(1-p), mask packed.
         noise = torch.empty_like(x, memory_format=torch.contiguous_format)
         noise.bernoulli_(1 - p, generator=generator)
-        ctx.p = p  # type: ignore[attr-defined]
-        if not inplace and _use_fused(x, noise):
-            # One compiled pass: output and packed mask from x and the noise.
-            out, packed = _forward_fused(x.reshape(-1), noise.reshape(-1), _scale(p, x.dtype))
-            save_encoded(ctx, PackedCodes(packed, 1, x.shape, torch.uint8))
-            return out.reshape(x.shape)
         mask = noise.ne(0)
         noise.div_(1 - p)
         # Encoded as 1-bit uint8 codes: backward decodes them straight to 0/1 bytes (no bool
@@ -103,12 +224,13 @@ class _Dropout(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None, None]:
+        if ctx.hashed:
+            (packed,) = ctx.saved_tensors
+            if torch.compiler.is_compiling():
+                return _backward_op(grad, packed, ctx.p), None, None, None
+            return _backward_cpu(grad, packed, ctx.p), None, None, None
         (mask,), _ = load_encoded(ctx)
         assert isinstance(mask, PackedCodes)
-        if _use_fused(grad, mask.packed):
-            scale = _scale(ctx.p, grad.dtype)
-            return _backward_fused(grad.reshape(-1), mask.packed, scale).reshape(grad.shape), \
-                None, None, None
         noise = mask.decode().to(grad.dtype)
         noise.div_(1 - ctx.p)
         return grad * noise, None, None, None
@@ -124,9 +246,12 @@ def dropout(
 ) -> Tensor:
     """Drop-in ``F.dropout`` saving a 1-bit mask (``ceil(n/8)`` bytes) for backward.
 
-    Output ``x * mask / (1 - p)`` with ``mask ~ Bernoulli(1 - p)``; identity when not
-    ``training`` or ``p == 0``; zeros when ``p == 1``. On CPU the mask is drawn exactly as
-    ``torch.nn.functional.dropout`` draws it, so the same seed gives the same output.
+    Output ``x * mask / (1 - p)`` with ``mask`` keeping each element with probability
+    ``1 - p`` (within ``2**-25``; see the module docs), in torch's arithmetic; identity when
+    not ``training`` or ``p == 0``; zeros when ``p == 1``. On the CPU the mask comes from a
+    counter hash keyed by two integers drawn from ``generator`` (default: torch's CPU
+    generator): the same seed gives the same mask, but not the numbers torch's own dropout
+    draws. Gradients are ``grad * mask / (1 - p)`` exactly, on the same mask.
     """
     if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
@@ -137,4 +262,7 @@ def dropout(
         return input.mul_(zero) if inplace else input * zero
     if not input.is_floating_point():
         raise TypeError(f"input must be a floating tensor, got {input.dtype}")
+    if inplace and torch.compiler.is_compiling():
+        # A traced autograd Function cannot return a dirty input: out of place, then copied.
+        return input.copy_(_Dropout.apply(input, float(p), False, generator))
     return _Dropout.apply(input, float(p), bool(inplace), generator)
