@@ -1,8 +1,8 @@
 """CPU group quantizer at the op level against the machine's copy bandwidth (issue 10 goal).
 
-Run: ``python benchmarks/quantize_cpu.py [--numel 16777216] [--bits 2] [--threads 1]``.
-Prints the best of ``--repeats`` timings of ``out.copy_(x)``, ``quantize`` and ``dequantize``
-(float32 input, group size 256) for the native C path (:mod:`fewbit.codecs.native`), the
+Run: ``python benchmarks/quantize_cpu.py [--numel 16777216] [--bits 2] [--threads 1]
+[--dtype float32]``. Prints the best of ``--repeats`` timings of ``out.copy_(x)``, ``quantize``
+and ``dequantize`` (group size 256) for the native C path (:mod:`fewbit.codecs.native`), the
 fused (compiled) and the eager PyTorch path, and
 ``copy time / (quantize + dequantize time)``, the fraction of copy bandwidth reached (goal:
 >= 50% at 2 bits). The first native or fused call compiles (seconds; cached on disk
@@ -36,14 +36,16 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from fewbit.codecs.quantize import dequantize, quantize
 
-    x = torch.randn(args.numel // 4096, 4096)
+    x = torch.randn(args.numel // 4096, 4096).to(getattr(torch, args.dtype))
     out = torch.empty_like(x)
     copy = best_of(lambda: out.copy_(x), args.repeats)
-    print(f"copy: {copy * 1e3:.1f} ms ({2 * x.numel() * 4 / copy / 1e9:.2f} GB/s read+write)")
+    nbytes = 2 * x.numel() * x.element_size()
+    print(f"copy: {copy * 1e3:.1f} ms ({nbytes / copy / 1e9:.2f} GB/s read+write, {args.dtype})")
     for name, compile_flag, native_flag in (
         ("native", "1", "1"),
         ("fused", "1", "0"),
