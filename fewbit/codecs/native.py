@@ -47,29 +47,30 @@ COMPILER = "cc"
 
 _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    # x, n, inf_bits, symmetric, bkeys, nb, nan_code, bits, out, chunk, counts -> non-finite
+    # x, n, inf_bits, symmetric, bkeys, nb, nan_code, bits, out, chunk, counts, threads
+    # -> non-finite
     "fewbit_encode_pack_16": (
-        [_ptr, _i64, ctypes.c_uint16, _i32, _ptr, _i32, _i32, _i32, _ptr, _i64, _ptr],
+        [_ptr, _i64, ctypes.c_uint16, _i32, _ptr, _i32, _i32, _i32, _ptr, _i64, _ptr, _i32],
         _i64,
     ),
     "fewbit_encode_pack_32": (
-        [_ptr, _i64, ctypes.c_uint32, _i32, _ptr, _i32, _i32, _i32, _ptr, _i64, _ptr],
+        [_ptr, _i64, ctypes.c_uint32, _i32, _ptr, _i32, _i32, _i32, _ptr, _i64, _ptr, _i32],
         _i64,
     ),
     "fewbit_encode_pack_64": (
-        [_ptr, _i64, ctypes.c_uint64, _i32, _ptr, _i32, _i32, _i32, _ptr, _i64, _ptr],
+        [_ptr, _i64, ctypes.c_uint64, _i32, _ptr, _i32, _i32, _i32, _ptr, _i64, _ptr, _i32],
         _i64,
     ),
 }
 for _width, _type in ((16, ctypes.c_uint16), (32, ctypes.c_uint32), (64, ctypes.c_uint64)):
-    # x, n, inf_bits, chunk, counts -> non-finite
-    _SIGNATURES[f"fewbit_count_nonfinite_{_width}"] = ([_ptr, _i64, _type, _i64, _ptr], _i64)
+    # x, n, inf_bits, chunk, counts, threads -> non-finite
+    _SIGNATURES[f"fewbit_count_nonfinite_{_width}"] = ([_ptr, _i64, _type, _i64, _ptr, _i32], _i64)
 # mask (bytes 0/1), n, out
 _SIGNATURES["fewbit_pack_mask"] = ([_ptr, _i64, _ptr], None)
 for _name in ("f32", "f64", "bf16", "f16"):
-    # packed, n, bits, grad, out, start, stop, lut, zero_exact
+    # packed, n, bits, grad, out, start, stop, lut, zero_exact, threads
     _SIGNATURES[f"fewbit_decode_mul_{_name}"] = (
-        [_ptr, _i64, _i32, _ptr, _ptr, _i64, _i64, _ptr, _i32],
+        [_ptr, _i64, _i32, _ptr, _ptr, _i64, _i64, _ptr, _i32, _i32],
         None,
     )
 for _name in ("f32", "f64", "bf16", "f16"):

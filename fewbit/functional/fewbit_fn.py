@@ -12,9 +12,10 @@ and packing; their output is within a few ulp of torch's rather than bit-identic
 
 On the CPU (contiguous float16/bfloat16/float32/float64, boundary tables) encode + pack + the
 per-chunk count of non-finite inputs is one native pass, and backward's unpack + lookup +
-multiply another (:mod:`fewbit.codecs.native`: C compiled at first use, split over
-``torch.get_num_threads()`` threads for tensors of 16M elements and more); the bytes and
-gradients are the torch path's. Without a C compiler, or with ``FEWBIT_COMPILE=0`` /
+multiply another (:mod:`fewbit.codecs.native`: C compiled at first use, vectorized, split
+over torch's own OpenMP threads from 64K elements per thread when the library is built with
+OpenMP); the bytes and gradients are the torch path's. The forward allocates only the packed
+code and the side store besides torch's output (no float32 copy of 16-bit inputs). Without a C compiler, or with ``FEWBIT_COMPILE=0`` /
 ``FEWBIT_NATIVE=0``, the torch-op path below runs (same results, about 10x slower).
 
 No host-device synchronisation: the constant tables (boundaries, levels, torch's
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import functools
 import math
 from dataclasses import dataclass, field
@@ -247,6 +249,9 @@ def _apply_slots(
     slots, _ = _split_side(side, n, chunk)
     if slots.numel() == 0:
         return
+    if side.device.type == "cpu" and native.library() is not None:
+        if not _any_nonfinite(side, n, chunk):  # the native CPU path reads counts anyway
+            return  # every slot empty
     valid = slots >= 0
     index = torch.where(valid, slots >> 2, 0)
     cls = torch.where(valid, slots & 3, 0)
@@ -358,13 +363,16 @@ _MAX_COMPARED = 15
 
 @functools.lru_cache(maxsize=512)
 def _boundary_keys(values: tuple[float, ...], dtype: torch.dtype) -> Tensor:
-    """Order keys of ``values`` rounded to ``dtype`` (as the torch path rounds them): ints of
-    the dtype's width on the CPU, made once per (values, dtype)."""
+    """Order keys of ``values`` rounded to ``dtype`` (as the torch path rounds them), as the
+    native encoder computes them (csrc/activations.c, ``KEY``): the bit pattern as a signed
+    int, negative patterns with their magnitude bits flipped; a zero boundary (either sign)
+    takes the key of +0, so that the encoder's "key(x) > key(b)" is "x > b". Ints of the
+    dtype's width on the CPU, made once per (values, dtype)."""
     width, int_dtype, _ = _NATIVE_FORMATS[dtype]
     patterns = table_tensor(values, dtype, torch.device("cpu")).view(int_dtype).tolist()
-    sign, mask = 1 << (width - 1), (1 << (width - 1)) - 1
-    keys = [-(p & mask) if (p % (1 << width)) & sign else p & mask for p in patterns]
-    return torch.tensor(keys, dtype={16: torch.int16, 32: torch.int32, 64: torch.int64}[width])
+    mask = (1 << (width - 1)) - 1
+    keys = [0 if p & mask == 0 else p ^ mask if p < 0 else p for p in patterns]
+    return torch.tensor(keys, dtype=int_dtype)
 
 
 def _native_ok(t: Tensor) -> bool:
@@ -376,8 +384,9 @@ def _native_encode_and_scan(flat: Tensor, spec: ActivationSpec) -> Optional[tupl
     bytes as ``_encode_and_pack`` and ``nonfinite_slots(flat, _CHUNK)``; None when the native
     library is unavailable or does not apply (then the caller runs the torch path).
 
-    The pass also counts each chunk's non-finite values; only chunks that hold some run the
-    torch slot scan (a host read of the counts is free on the CPU)."""
+    The pass writes each chunk's count of non-finite values straight into the side store's
+    tail; only chunks that hold some run the torch slot scan (a host read of the counts is
+    free on the CPU). Allocates the packed codes and the side store, nothing else."""
     if spec.boundaries is None or not _native_ok(flat) or torch.compiler.is_compiling():
         return None
     lib = native.library()
@@ -388,42 +397,47 @@ def _native_encode_and_scan(flat: Tensor, spec: ActivationSpec) -> Optional[tupl
     keys = _boundary_keys(tuple(spec.boundaries), flat.dtype)
     nb = keys.numel()
     nan_code = nb if nb > _MAX_COMPARED else 0
-    parts = _chunks(n, _CHUNK)
     packed = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8)
-    counts = torch.zeros(len(parts), dtype=torch.int64)
+    side, counts_at = _empty_side(n)
     encode = getattr(lib, f"fewbit_encode_pack_{width}")
-    size = flat.element_size()
-
-    def run(first: int, last: int) -> int:  # chunks [first, last): disjoint outputs
-        start, stop = parts[first][0], parts[last - 1][1]
-        return encode(
-            flat.data_ptr() + start * size,
-            stop - start,
-            inf_bits,
-            int(spec.symmetric),
-            keys.data_ptr(),
-            nb,
-            nan_code,
-            bits,
-            packed.data_ptr() + start * bits // 8,  # chunks start on byte boundaries
-            _CHUNK,
-            counts.data_ptr() + first * 8,
-        )
-
-    bad = sum(_in_threads(run, _split(len(parts), n)))
-    return packed, _side_from_counts(flat, counts, bad)
-
-
-def _side_from_counts(flat: Tensor, counts: Tensor, bad: int) -> Tensor:
-    """The side store of ``nonfinite_slots(flat, _CHUNK)`` from its per-chunk counts: empty
-    slots, except in chunks that hold non-finite values (the torch slot scan runs there)."""
-    parts = _chunks(flat.numel(), _CHUNK)
-    slots = [torch.full((_slots_of(stop - start),), -1, dtype=torch.int64) for start, stop in parts]
+    bad = encode(
+        flat.data_ptr(),
+        n,
+        inf_bits,
+        int(spec.symmetric),
+        keys.data_ptr(),
+        nb,
+        nan_code,
+        bits,
+        packed.data_ptr(),
+        _CHUNK,
+        side.data_ptr() + 8 * counts_at,
+        _threads(n),
+    )
     if bad:
-        for i, (start, stop) in enumerate(parts):
-            if counts[i].item():
-                slots[i] = _chunk_slots(flat, start, stop)[0]
-    return torch.cat(slots + [counts]) if parts else counts
+        _fill_slots(flat, side, counts_at)
+    return packed, side
+
+
+def _empty_side(n: int) -> tuple[Tensor, int]:
+    """(side store of n elements with every slot empty (-1), index of its first count); the
+    counts (the tail) are written by the native pass."""
+    parts = _chunks(n, _CHUNK)
+    total = sum(_slots_of(stop - start) for start, stop in parts)
+    side = torch.empty(total + len(parts), dtype=torch.int64)
+    side[:total].fill_(-1)
+    return side, total
+
+
+def _fill_slots(flat: Tensor, side: Tensor, counts_at: int) -> None:
+    """The torch slot scan (:func:`_chunk_slots`) of the chunks whose count is not 0."""
+    counts = side[counts_at:].tolist()
+    offset = 0
+    for i, (start, stop) in enumerate(_chunks(flat.numel(), _CHUNK)):
+        size = _slots_of(stop - start)
+        if counts[i]:
+            side[offset : offset + size] = _chunk_slots(flat, start, stop)[0]
+        offset += size
 
 
 def _native_mask_and_scan(flat: Tensor, spec: ActivationSpec) -> Optional[tuple[Tensor, Tensor]]:
@@ -445,84 +459,86 @@ def _native_mask_and_scan(flat: Tensor, spec: ActivationSpec) -> Optional[tuple[
             return None  # not a plain boolean mask: the torch path packs it
         mask = mask.contiguous()
         lib.fewbit_pack_mask(mask.data_ptr(), stop - start, packed.data_ptr() + start // 8)
-    counts = torch.zeros(len(_chunks(n, _CHUNK)), dtype=torch.int64)
+    side, counts_at = _empty_side(n)
     count = getattr(lib, f"fewbit_count_nonfinite_{width}")
-    bad = count(flat.data_ptr(), n, inf_bits, _CHUNK, counts.data_ptr())
-    return packed, _side_from_counts(flat, counts, bad)
+    bad = count(flat.data_ptr(), n, inf_bits, _CHUNK, side.data_ptr() + 8 * counts_at, _threads(n))
+    if bad:
+        _fill_slots(flat, side, counts_at)
+    return packed, side
 
 
 def _native_grad_times_levels(
-    flat: Tensor,
-    packed: Tensor,
-    overflow: Tensor,
-    chunk: int,
-    lut: Tensor,
-    spec: ActivationSpec,
-    out: Tensor,
-) -> bool:
-    """out[:n] = grad * levels[code] (NaN levels in overflowed chunks, 0 where the level is 0)
-    in one native pass; False (nothing written) when the native library does not apply."""
+    flat: Tensor, packed: Tensor, side: Tensor, chunk: int, lut: Tensor, spec: ActivationSpec
+) -> Optional[Tensor]:
+    """grad * levels[code] into a new flat buffer of n + 1 elements (NaN levels in the scan
+    chunks whose slots overflowed, 0 where the level is 0) in one native pass; None (nothing
+    done) when the native library does not apply. The buffer is asked for transparent huge
+    pages from 4 MiB on (the pass writes all of it: 4 KiB page faults would cost more than
+    the pass)."""
     if not (_native_ok(flat) and packed.is_contiguous()) or torch.compiler.is_compiling():
-        return False
+        return None
     lib = native.library()
     if lib is None:
-        return False
+        return None
     decode = getattr(lib, _NATIVE_DECODE[flat.dtype])
     n, bits = flat.numel(), spec.bits
+    out = torch.empty(n + 1, dtype=flat.dtype)
+    nbytes = out.numel() * out.element_size()
+    if nbytes >= _HUGE_MIN and hasattr(lib, "fewbit_advise_hugepages"):
+        lib.fewbit_advise_hugepages(ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(nbytes))
     zero_exact = int(0.0 in spec.levels)
-    poisoned = overflow.tolist()
-    nan_lut = torch.full_like(lut, math.nan)
     scan = _chunks(n, chunk)
+    poisoned = _overflow(side, n, chunk).tolist() if _any_nonfinite(side, n, chunk) else None
     gp, op, size = flat.data_ptr(), out.data_ptr(), flat.element_size()
-
-    def run(first: int, last: int) -> None:  # scan chunks [first, last), split by level table
-        lo = first
-        while lo < last:
+    lo = 0
+    while lo < len(scan):  # runs of scan chunks with the same level table
+        hi = len(scan)
+        if poisoned is not None:
             hi = lo + 1
-            while hi < last and poisoned[hi] == poisoned[lo]:
+            while hi < len(scan) and poisoned[hi] == poisoned[lo]:
                 hi += 1
-            start, stop = scan[lo][0], scan[hi - 1][1]
-            table = nan_lut if poisoned[lo] else lut
-            decode(
-                packed.data_ptr(),
-                n,
-                bits,
-                gp + start * size,
-                op + start * size,
-                start,
-                stop,
-                table.data_ptr(),
-                zero_exact,
-            )
-            lo = hi
-
-    _in_threads(run, _split(len(scan), n))
-    return True
-
-
-# Elements per worker thread below which a native pass runs in one thread. Measured on 2 cores:
-# Python worker threads started right after torch's OpenMP regions compete with its spinning
-# threads (the group quantizer's 2 workers took 3x one worker's time at 0.5M elements), so
-# threads pay off only on large tensors.
-_PER_THREAD = 1 << 23
+        start, stop = scan[lo][0], scan[hi - 1][1]
+        table = torch.full_like(lut, math.nan) if poisoned and poisoned[lo] else lut
+        decode(
+            packed.data_ptr(),
+            n,
+            bits,
+            gp + start * size,
+            op + start * size,
+            start,
+            stop,
+            table.data_ptr(),
+            zero_exact,
+            _threads(stop - start),
+        )
+        lo = hi
+    return out
 
 
-def _split(chunks: int, n: int) -> list[tuple[int, int]]:
-    """Contiguous ranges of chunk indices, one per worker: up to torch.get_num_threads()
-    workers, each with at least ``_PER_THREAD`` elements."""
-    workers = max(1, min(torch.get_num_threads(), n // _PER_THREAD, chunks))
-    bounds = [chunks * w // workers for w in range(workers + 1)]
-    return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+def _any_nonfinite(side: Tensor, n: int, chunk: int) -> bool:
+    """Whether the side store counts any non-finite input (a host read: CPU side stores)."""
+    _, counts = _split_side(side, n, chunk)
+    return bool(counts.any())
 
 
-def _in_threads(run: Callable[[int, int], object], ranges: list[tuple[int, int]]) -> list:
-    """``run(*r)`` for every range, in parallel threads when there are several (the native
-    calls release the GIL; ranges write disjoint outputs, so results do not depend on the
-    thread count). A pool lives for one call only."""
-    if len(ranges) <= 1:
-        return [run(*r) for r in ranges]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(ranges)) as pool:
-        return list(pool.map(lambda r: run(*r), ranges))
+# Fresh native output buffers from this many bytes get the transparent huge page hint.
+_HUGE_MIN = 4 << 20
+
+
+# Elements per OpenMP thread below which a native pass runs in the calling thread alone. The
+# passes run on torch's own OpenMP threads (fewbit.codecs.native builds with -fopenmp when
+# torch's runtime is libgomp), which are still spinning after torch's previous op, so a team
+# starts in microseconds; a thread's share should still take well above that (64K elements:
+# about 20-40 us of work).
+_PER_THREAD = 1 << 16
+
+
+def _threads(n: int) -> int:
+    """OpenMP threads for a native pass over n elements: up to torch.get_num_threads(), each
+    with at least ``_PER_THREAD`` elements; 1 when the library is serial."""
+    if not native.uses_openmp():
+        return 1
+    return max(1, min(torch.get_num_threads(), n // _PER_THREAD))
 
 
 def _poisoned_levels(lut: Tensor, overflow: Tensor) -> Tensor:
@@ -545,6 +561,9 @@ def _grad_times_levels(
     lut = table_tensor(tuple(spec.levels), compute, grad.device)
     flat = grad.reshape(-1)
     n, bits = flat.numel(), spec.bits
+    native_out = _native_grad_times_levels(flat, packed, side, chunk, lut, spec)
+    if native_out is not None:
+        return native_out
     out = torch.empty(n + 1, dtype=grad.dtype, device=grad.device)
     overflow = _overflow(side, n, chunk)
     if _use_kernels(grad):
@@ -555,8 +574,6 @@ def _grad_times_levels(
         activation_backward(flat.contiguous(), packed, lut_k, bits, out[:n], zero_exact)
         return out
     zero_exact = 0.0 in spec.levels
-    if _native_grad_times_levels(flat, packed, overflow, chunk, lut, spec, out):
-        return out
     rows = _poisoned_levels(lut, overflow)
     for start, stop in _chunks(n, _CHUNK):
         row = start // chunk  # chunk (the scan's) is a multiple of _CHUNK

@@ -192,12 +192,10 @@ def test_environment_forces_eager(variable: str, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv(variable, "0")
     assert native.library() is None
     assert fn._native_encode_and_scan(x, spec) is None
-    out = torch.empty(N + 1)
-    overflow = torch.zeros(N // CHUNK + 1, dtype=torch.bool)
+    side = fn.nonfinite_slots(x, CHUNK)
     lut = torch.ones(8)
-    assert not fn._native_grad_times_levels(
-        x, torch.zeros(400, dtype=torch.uint8), overflow, CHUNK, lut, spec, out
-    )
+    packed = torch.zeros(fn.packed_nbytes(N, 3), dtype=torch.uint8)
+    assert fn._native_grad_times_levels(x, packed, side, CHUNK, lut, spec) is None
 
 
 def test_non_contiguous_and_other_dtypes_take_the_eager_path() -> None:

@@ -15,6 +15,14 @@
 #define FB_CLONES
 #endif
 
+/* AVX-512 (x86-64-v4: F/BW/DQ/VL), AVX2 and baseline versions of the activation codecs,
+ * picked at load time (integer and exact float ops only: identical results in every one). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FB_CLONES_512 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define FB_CLONES_512
+#endif
+
 #define ID(v) (v)
 
 static inline float bits_to_f32(uint32_t u) {
