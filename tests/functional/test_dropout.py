@@ -96,7 +96,7 @@ def test_native_and_eager_same_bytes(monkeypatch, dtype: torch.dtype, n: int) ->
 
 @needs_native
 def test_large_tensor_same_bytes_any_thread_count(monkeypatch) -> None:
-    """Past the parallel threshold (2**17) and over several 64K-element chunks: bytes equal
+    """Past the parallel threshold (2**16) and over many 16K-element chunks: bytes equal
     for 1 and 2 threads and equal to the eager path."""
     n = 300_001
     x, g = torch.randn(n), torch.randn(n)
@@ -148,6 +148,24 @@ def test_nan_inf_and_signed_zero_as_torch(monkeypatch, dtype: torch.dtype, nativ
     mask = unpack(saved[0], 1, x.numel())
     assert 0 < int(mask.sum()) < x.numel()  # both kept and dropped elements were checked
     noise = mask.to(dtype).div_(0.5)
+    for got, want in ((out, x * noise), (gx, g * noise)):
+        assert torch.equal(got.isnan(), want.isnan())
+        finite = ~want.isnan()
+        assert torch.equal(_bits(got[finite]), _bits(want[finite]))
+
+
+@pytest.mark.parametrize("p", [0.3, 1 / 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_16_bit_value_as_torch(dtype: torch.dtype, p: float) -> None:
+    """All 65536 bit patterns of bf16/fp16 as inputs and gradients (subnormals, the largest
+    finite values whose scaled product overflows, NaN payloads): out and grad equal torch's
+    x * noise and g * noise (NaN at the same places, every other bit pattern equal). With
+    p = 1/3 the scale is 1.5, so x * 1.5 lands exactly halfway between two 16-bit values
+    for many x: the ties-to-even rounding is checked too."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    g = x.flip(0)
+    out, gx, saved = _run(x, p, g, seed=8)
+    noise = unpack(saved[0], 1, x.numel()).to(dtype).div_(1 - p)
     for got, want in ((out, x * noise), (gx, g * noise)):
         assert torch.equal(got.isnan(), want.isnan())
         finite = ~want.isnan()
