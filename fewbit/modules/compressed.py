@@ -41,7 +41,8 @@ Passes over the saved activation (CPU, eager), forward: one encode
 other dense non-contiguous inputs are encoded in their memory order and decoded as a view with
 the saved strides (no copies).
 
-Lossless layers (bitwise torch's gradients): :class:`Dropout` (1-bit mask), :class:`MaxPool1d`
+Lossless layers (bitwise torch's gradients; :class:`Dropout` draws its own mask on the CPU, see
+:mod:`fewbit.functional.dropout`): :class:`Dropout` (1-bit mask), :class:`MaxPool1d`
 /2d/3d (in-window argmax offsets), :class:`AvgPool1d`/2d/3d (nothing saved), and
 :data:`ReLU` = :class:`fewbit.modules.activations.ReLU` (1-bit mask).
 
@@ -930,7 +931,9 @@ _SPECS: Dict[type, LayerSpec] = {spec.layer: spec for spec in LAYERS}
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` saving a 1-bit mask (``n/8`` bytes); gradients exact."""
+    """``nn.Dropout`` saving a 1-bit mask (``n/8`` bytes); gradients exact. On the CPU the mask
+    is a counter hash keyed from torch's generator (same distribution as torch's, other
+    numbers: :func:`fewbit.functional.dropout.dropout`)."""
 
     def forward(self, input: Tensor) -> Tensor:
         return dropout(input, self.p, self.training, self.inplace)
