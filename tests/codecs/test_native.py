@@ -14,6 +14,7 @@ from torch import Tensor
 import fewbit.functional as FB
 import fewbit.functional.fewbit_fn as fn
 from fewbit.codecs import native
+from fewbit.codecs.bitpack import pack
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 N = 1003  # 8k + 3: the last group of 8 codes is partial (3 codes) in every chunk layout
@@ -260,3 +261,95 @@ def test_masks_match_eager(
     y, gx = run()
     y0, gx0 = _eager(monkeypatch, run)
     assert _same_bits(y, y0) and _same_bits(gx, gx0)
+
+
+def _table_spec(bounds: tuple[float, ...], bits: int, symmetric: bool = False) -> fn.ActivationSpec:
+    levels = tuple(float(v) for v in torch.linspace(-0.5, 1.5, 2**bits, dtype=torch.float64))
+    return fn.ActivationSpec(
+        forward=F.gelu,
+        encode=lambda x: x,  # unused: boundary tables encode through fn._encode
+        levels=levels,
+        bits=bits,
+        boundaries=bounds,
+        symmetric=symmetric,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("count", [2, 5, 6, 11, 13])
+def test_boundary_counts_between_the_unrolled_sizes_match_eager(
+    count: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tables whose length is not 1, 3, 7 or 15 (the encoder pads them with keys no element
+    exceeds), with +0 and -0 among the boundaries (keyed as +0), on chunks of several
+    512-element blocks: the same bytes and side store as the torch path."""
+    _needs_library()
+    monkeypatch.setattr(fn, "_CHUNK", 1024)  # 2 encoder blocks per chunk
+    gen = torch.Generator().manual_seed(count)
+    points = (torch.randn(count - 2, generator=gen, dtype=torch.float64) * 2).tolist()
+    bounds = tuple(sorted(points + [0.0, -0.0], key=float))
+    spec = _table_spec(bounds, bits=4 if count > 7 else 3)
+    n = 5003
+    x = (torch.randn(n, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    x[::37] = 0.0
+    x[5::37] = -0.0
+    x[7::401] = math.nan
+    x[9::503] = -math.inf
+    got = fn._native_encode_and_scan(x, spec)
+    assert got is not None
+    want = _eager(monkeypatch, lambda: fn._encode_and_pack(x, spec))
+    assert torch.equal(got[0], want)
+    assert torch.equal(got[1], fn.nonfinite_slots(x, 1024))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits", [1, 3, 4, 6])
+def test_native_passes_write_only_their_own_bytes(bits: int, dtype: torch.dtype) -> None:
+    """The encoder's 8-byte stores and the decoder's 8-element steps stay inside the range
+    they were given: bytes past a stream of n codes and elements outside [start, stop) of
+    the output keep their sentinel (ranges of one call run in parallel threads)."""
+    _needs_library()
+    lib = native.library()
+    n = 8 * 301 + 5
+    width, _, inf_bits = fn._NATIVE_FORMATS[dtype]
+    spec = _spec(bits, False, True, zero_level=False)
+    keys = fn._boundary_keys(tuple(spec.boundaries), dtype)
+    x = torch.randn(n, dtype=dtype)
+    packed = torch.full((fn.packed_nbytes(n, bits) + 16,), 0xA5, dtype=torch.uint8)
+    counts = torch.zeros(n // 64 + 1, dtype=torch.int64)
+    encode = getattr(lib, f"fewbit_encode_pack_{width}")
+    encode(x.data_ptr(), n, inf_bits, 0, keys.data_ptr(), keys.numel(), 0, bits,
+           packed.data_ptr(), 64, counts.data_ptr(), 3)  # fmt: skip
+    assert (packed[fn.packed_nbytes(n, bits) :] == 0xA5).all()
+    lut = torch.linspace(0.1, 1.0, 2**bits)
+    grad = torch.randn(n, dtype=dtype)
+    out = torch.full((n,), 7.0, dtype=dtype)
+    start, stop = 8 * 37, n - 3
+    decode = getattr(lib, fn._NATIVE_DECODE[dtype])
+    decode(packed.data_ptr(), n, bits, grad[start:].data_ptr(), out[start:].data_ptr(), start,
+           stop, lut.data_ptr(), 0, 3)  # fmt: skip
+    assert (out[:start] == 7).all() and (out[stop:] == 7).all()
+    assert not (out[start:stop] == 7).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_decode_rounds_every_16_bit_gradient_as_torch(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every 16-bit pattern as the incoming gradient, times levels that round (1/3, 0.7),
+    underflow to subnormals and zero (2^-12, 2^-30) and overflow (6e4): the vector
+    decoder's branch-free conversions give torch's bits (NaN as NaN)."""
+    _needs_library()
+    levels = (0.0, 1 / 3, 0.7, 1.0, 2.0**-12, 2.0**-30, 6e4, -1.5)
+    spec = fn.ActivationSpec(
+        forward=F.gelu, encode=lambda x: x, levels=levels, bits=3, boundaries=(0.0,) * 7
+    )
+    grad = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    n = grad.numel() * 8
+    grad = grad.repeat_interleave(8)  # each pattern with each of the 8 codes
+    codes = torch.arange(8, dtype=torch.uint8).repeat(n // 8)
+    packed = pack(codes, 3)
+    side = fn.nonfinite_slots(torch.zeros(n, dtype=dtype), CHUNK)
+    got = fn._grad_times_levels(grad, packed, side, CHUNK, spec)[:n]
+    want = _eager(monkeypatch, lambda: fn._grad_times_levels(grad, packed, side, CHUNK, spec))
+    assert _same_bits(got, want[:n])
