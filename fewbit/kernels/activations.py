@@ -154,6 +154,9 @@ def _table_code(
     """Number of boundaries strictly below x (|x| if SYMMETRIC); the boundaries are sorted.
 
     NaN, as ``Table.encode``: 0 up to 4 bits (comparison count), NB above (torch.bucketize).
+    2 to 4 bits: a branch-free binary search (BITS compares); for 16-bit inputs (DTYPE) the
+    last level's boundaries carry their code in low bits (:func:`_tagged`), so the code is
+    one mask of the selected boundary, with the last compare as a sign bit (no predicate).
     """
     if SYMMETRIC:
         src = tl.abs(x)
@@ -178,6 +181,29 @@ def _table_code(
         p1 = tl.where(p2, t5, t1) < src
         last = tl.where(p1, tl.where(p2, e6, e2), tl.where(p2, e4, e0))
         code = last & (fmath.less_bit(last.to(tl.float32, bitcast=True), src) | 6)
+    elif BITS == 4 and DTYPE != tl.float32:  # the same with 4 compares, not 15
+        t1 = tl.load(bounds_ptr + 1)
+        t3 = tl.load(bounds_ptr + 3)
+        t5 = tl.load(bounds_ptr + 5)
+        t7 = tl.load(bounds_ptr + 7)
+        t9 = tl.load(bounds_ptr + 9)
+        t11 = tl.load(bounds_ptr + 11)
+        t13 = tl.load(bounds_ptr + 13)
+        p3 = t7 < src
+        p2 = tl.where(p3, t11, t3) < src
+        p1 = tl.where(p2, tl.where(p3, t13, t5), tl.where(p3, t9, t1)) < src
+        hi = tl.where(
+            p2,
+            tl.where(p3, _tagged(bounds_ptr, 14, 15, DTYPE), _tagged(bounds_ptr, 6, 7, DTYPE)),
+            tl.where(p3, _tagged(bounds_ptr, 10, 11, DTYPE), _tagged(bounds_ptr, 2, 3, DTYPE)),
+        )
+        lo = tl.where(
+            p2,
+            tl.where(p3, _tagged(bounds_ptr, 12, 13, DTYPE), _tagged(bounds_ptr, 4, 5, DTYPE)),
+            tl.where(p3, _tagged(bounds_ptr, 8, 9, DTYPE), _tagged(bounds_ptr, 0, 1, DTYPE)),
+        )
+        last = tl.where(p1, hi, lo)
+        code = last & (fmath.less_bit(last.to(tl.float32, bitcast=True), src) | 14)
     elif BITS == 3:  # 3 compares, not 7 (NaN: every compare false, code 0 as the count)
         # bounds chosen by bit masks (integer ops), so no predicate stays live
         b0 = tl.load(bounds_ptr).to(tl.int32, bitcast=True)

@@ -247,18 +247,27 @@ EDGE_TABLES = [
 ]
 
 
+EDGE_TABLES_4 = [
+    (-1e38, -65504.0, -3.0, -1.0, -6e-8, -1e-40, -0.0, 1e-45, 1e-40, 6e-8, 0.5, 1.0, 3.0,
+     65504.0, 3e38),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_codes_of_every_16_bit_value(dtype: torch.dtype) -> None:
-    """3-bit codes (boundaries tagged in their low bits) equal Table.encode for every value."""
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_codes_of_every_16_bit_value(bits: int, dtype: torch.dtype) -> None:
+    """2-4 bit codes (3 and 4 bits: binary search, boundaries tagged in their low bits) equal
+    Table.encode for every value of the dtype."""
     from fewbit.approx.store import get_table
 
     x = every_value(dtype)
-    tables = [Table(b, tuple(range(8))) for b in EDGE_TABLES]
-    tables += [get_table("gelu", 3), make_table(3, False), make_table(3, True)]
+    edges = {2: [(-0.0, 1e-45, 3e38), (-1e38, -1e-40, 0.0)], 3: EDGE_TABLES, 4: EDGE_TABLES_4}
+    tables = [Table(b, tuple(range(1 << bits))) for b in edges[bits]]
+    tables += [get_table("gelu", bits), make_table(bits, False), make_table(bits, True)]
     for table in tables:
         bounds = torch.tensor(table.boundaries, dtype=torch.float64)
-        _, packed = activation_forward(x, "silu", None, bounds, table.symmetric, 3)
-        assert torch.equal(bitpack.unpack(packed, 3, x.numel()), table.encode(x)), table
+        _, packed = activation_forward(x, "silu", None, bounds, table.symmetric, bits)
+        assert torch.equal(bitpack.unpack(packed, bits, x.numel()), table.encode(x)), table
 
 
 @triton.jit
