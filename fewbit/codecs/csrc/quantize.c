@@ -18,8 +18,12 @@
  * the first code it holds and ORed by the others, so the stream needs no zeroing as long as
  * each byte's codes are written in order by one caller (callers split at multiples of 8
  * elements). Hot loops work on 16-lane vectors (GCC vector extensions: one AVX-512 register,
- * two AVX2 or four SSE2 ones, picked at load time by Q_CLONES); every lane does the scalar
- * float32 operations of the eager path (IEEE, no FMA), so all versions give the same bytes. */
+ * two AVX2 or four SSE2 ones, picked at load time by Q_CLONES; quantize's min/max and codes
+ * also as AVX-512 intrinsics, picked at run time); every lane does the scalar float32
+ * operations of the eager path (IEEE; the AVX-512 path's one fused multiply-add has an exact
+ * product), so all versions give the same bytes. Large calls split their groups across
+ * OpenMP threads (Q_FOR_RUNS); fresh output buffers get a huge-page hint from the caller
+ * (fewbit_advise_hugepages). */
 
 #define QMAX_GROUP 4096
 
