@@ -167,6 +167,26 @@ def test_unbiased_mean_converges(bits: int) -> None:
     assert float((biased / s).square().mean()) > 10 / (4 * draws)
 
 
+def test_tiny_range_groups_keep_a_finite_reciprocal_and_stay_unbiased() -> None:
+    # Groups spanning subnormal floats only: their step (range / 3) is below 2**-126, so the
+    # scale is raised to 2**-126 (the smallest normal float32): 1 / scale is finite and the
+    # codes stay stochastic (an infinite reciprocal would send every x > lo to the top code).
+    n, draws, g = 256, 512, 256
+    x = torch.linspace(0.0, 2.0**-130, n)  # subnormal float32 values
+    gen = torch.Generator().manual_seed(5)
+    q = quantize(x.expand(draws, n), 2, g, generator=gen)
+    scale = q.scale.float()
+    assert bool((scale == 2.0**-126).all()) and bool(torch.isfinite(1 / scale).all())
+    y = dequantize(q)
+    s = 2.0**-126
+    assert bool(((y - x).abs() < s).all())  # one draw errs by less than one step
+    # unbiased: each element's mean over D draws is within 3 s / sqrt(D) (Hoeffding, as in
+    # test_unbiased_mean_converges), and the codes are not all at the top level
+    err = y.mean(0) - x
+    assert bool((err.abs() <= 3 * s / math.sqrt(draws)).all())
+    assert bool((y < x.max()).any())
+
+
 def test_generator_reproducible_and_global_rng_untouched() -> None:
     x = torch.randn(8, 300)
     state = torch.get_rng_state()

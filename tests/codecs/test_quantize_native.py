@@ -54,12 +54,16 @@ def _bits_of(t: Tensor) -> Tensor:
 
 def _special(shape: tuple[int, ...], dtype: torch.dtype, group_size: int) -> Tensor:
     """Rows of different scales plus a NaN group, an inf group, a -inf group, a constant group,
-    an all-zero group and (float64) a group beyond the float32 range."""
+    an all-zero group, a group of subnormal float32 values and (float64) a group beyond the
+    float32 range."""
     gen = torch.Generator().manual_seed(hash((shape, group_size)) % 2**31)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
     x = x * torch.logspace(-3, 3, shape[0], dtype=torch.float64).view(-1, *[1] * (len(shape) - 1))
     flat = x.view(-1)
     n = flat.numel()
+    # a range below 2**-126 (the smallest scale), unless a special group below takes its place
+    t = int(0.6 * n) // group_size * group_size
+    flat[t : t + group_size] = torch.linspace(0.0, 2.0**-130, group_size, dtype=torch.float64)
     for pos, value in ((0.1, float("nan")), (0.3, float("inf")), (0.5, float("-inf"))):
         flat[int(pos * n)] = value
     c = int(0.7 * n) // group_size * group_size
