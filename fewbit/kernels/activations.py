@@ -143,6 +143,15 @@ def _tagged(bounds_ptr, k, tag, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _even_bound(bounds_ptr, k: tl.constexpr, DTYPE: tl.constexpr):
+    """Boundary k (even) as int32 bits, tagged with k + 1 (:func:`_tagged`) for 16-bit x."""
+    if DTYPE != tl.float32:
+        return _tagged(bounds_ptr, k, k + 1, DTYPE)
+    else:
+        return tl.load(bounds_ptr + k).to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def _table_code(
     x,
     bounds_ptr,
@@ -181,7 +190,7 @@ def _table_code(
         p1 = tl.where(p2, t5, t1) < src
         last = tl.where(p1, tl.where(p2, e6, e2), tl.where(p2, e4, e0))
         code = last & (fmath.less_bit(last.to(tl.float32, bitcast=True), src) | 6)
-    elif BITS == 4 and DTYPE != tl.float32:  # the same with 4 compares, not 15
+    elif BITS == 4:  # the same with 4 compares, not 15 (tags only for 16-bit inputs)
         t1 = tl.load(bounds_ptr + 1)
         t3 = tl.load(bounds_ptr + 3)
         t5 = tl.load(bounds_ptr + 5)
@@ -194,16 +203,24 @@ def _table_code(
         p1 = tl.where(p2, tl.where(p3, t13, t5), tl.where(p3, t9, t1)) < src
         hi = tl.where(
             p2,
-            tl.where(p3, _tagged(bounds_ptr, 14, 15, DTYPE), _tagged(bounds_ptr, 6, 7, DTYPE)),
-            tl.where(p3, _tagged(bounds_ptr, 10, 11, DTYPE), _tagged(bounds_ptr, 2, 3, DTYPE)),
+            tl.where(p3, _even_bound(bounds_ptr, 14, DTYPE), _even_bound(bounds_ptr, 6, DTYPE)),
+            tl.where(p3, _even_bound(bounds_ptr, 10, DTYPE), _even_bound(bounds_ptr, 2, DTYPE)),
         )
         lo = tl.where(
             p2,
-            tl.where(p3, _tagged(bounds_ptr, 12, 13, DTYPE), _tagged(bounds_ptr, 4, 5, DTYPE)),
-            tl.where(p3, _tagged(bounds_ptr, 8, 9, DTYPE), _tagged(bounds_ptr, 0, 1, DTYPE)),
+            tl.where(p3, _even_bound(bounds_ptr, 12, DTYPE), _even_bound(bounds_ptr, 4, DTYPE)),
+            tl.where(p3, _even_bound(bounds_ptr, 8, DTYPE), _even_bound(bounds_ptr, 0, DTYPE)),
         )
         last = tl.where(p1, hi, lo)
-        code = last & (fmath.less_bit(last.to(tl.float32, bitcast=True), src) | 14)
+        if DTYPE != tl.float32:
+            code = last & (fmath.less_bit(last.to(tl.float32, bitcast=True), src) | 14)
+        else:
+            code = (
+                p3.to(tl.int32) * 8
+                + p2.to(tl.int32) * 4
+                + p1.to(tl.int32) * 2
+                + (last.to(tl.float32, bitcast=True) < src).to(tl.int32)
+            )
     elif BITS == 3:  # 3 compares, not 7 (NaN: every compare false, code 0 as the count)
         # bounds chosen by bit masks (integer ops), so no predicate stays live
         b0 = tl.load(bounds_ptr).to(tl.int32, bitcast=True)

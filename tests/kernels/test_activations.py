@@ -270,6 +270,21 @@ def test_codes_of_every_16_bit_value(bits: int, dtype: torch.dtype) -> None:
         assert torch.equal(bitpack.unpack(packed, bits, x.numel()), table.encode(x)), table
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_float32_codes_at_the_edges(bits: int) -> None:
+    """float32 3- and 4-bit codes (binary search, untagged) equal Table.encode for every
+    bfloat16 value, its float32 neighbours and random patterns, with edge tables."""
+    wide = every_value(torch.bfloat16).float()
+    up, down = wide.nextafter(torch.tensor(float("inf"))), wide.nextafter(torch.tensor(-1e39))
+    rand = torch.randint(-(1 << 31), (1 << 31) - 1, (1 << 14,), dtype=torch.int32)
+    x = torch.cat([wide, up, down, rand.view(torch.float32)])
+    edges = EDGE_TABLES if bits == 3 else EDGE_TABLES_4
+    for table in [Table(b, tuple(range(1 << bits))) for b in edges] + [make_table(bits, False)]:
+        bounds = torch.tensor(table.boundaries, dtype=torch.float64)
+        _, packed = activation_forward(x, "silu", None, bounds, False, bits)
+        assert torch.equal(bitpack.unpack(packed, bits, x.numel()), table.encode(x)), table
+
+
 @triton.jit
 def _gelu_restated_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
