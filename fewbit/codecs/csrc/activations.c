@@ -140,7 +140,8 @@ static inline void unpack_codes(const uint8_t *packed, int64_t total_bytes, int6
 #define CODES_FN(NAME, UT, KT, SIGNSHIFT, MAGMASK, NB)                                        \
     static inline KT NAME(const UT *xs, int m, UT inf_bits, UT signmask, const KT *bk,        \
                           KT nan_key, uint8_t *codes) {                                      \
-        KT nbad = 0;                                                                          \
+        KT wide[BLOCK]; /* codes at the key's width: narrowed in a second loop, else GCC */   \
+        KT nbad = 0;    /* narrows every compare to bytes separately */                     \
         for (int i = 0; i < m; i++) {                                                         \
             UT u = xs[i];                                                                     \
             KT mag = (KT)(u & (UT)MAGMASK);                                                   \
@@ -148,8 +149,9 @@ static inline void unpack_codes(const uint8_t *packed, int64_t total_bytes, int6
             KT c = 0;                                                                         \
             for (int j = 0; j < NB; j++) c = (KT)(c + (KT)(key > bk[j]));                     \
             nbad = (KT)(nbad + (KT)(mag >= (KT)inf_bits));                                    \
-            codes[i] = (uint8_t)c;                                                            \
+            wide[i] = c;                                                                      \
         }                                                                                     \
+        for (int i = 0; i < m; i++) codes[i] = (uint8_t)wide[i];                              \
         return nbad;                                                                          \
     }
 
