@@ -397,6 +397,16 @@ static inline int64_t vmul_none(const uint8_t *packed, int64_t total_bytes, int 
     return start;
 }
 
+/* Whether the vector decoder's permute is a single instruction here: on x86 only with AVX2
+ * (SSE2 has no variable permute: the scalar form, one table load per element, is faster). */
+static inline int vector_lookup_fast(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return __builtin_cpu_supports("avx2");
+#else
+    return 1;
+#endif
+}
+
 #define DECODE_BLOCK_CASE(B)                                                                  \
     case B:                                                                                   \
         unpack_codes(packed, total_bytes, s, m, B, codes);                                    \
@@ -414,7 +424,7 @@ static inline int64_t vmul_none(const uint8_t *packed, int64_t total_bytes, int 
         CT table[256];                                                                        \
         for (int c = 0; c < 256; c++) table[c] = c < (1 << bits) ? lut[c] : (CT)0;           \
         int64_t first = start;                                                                \
-        if (bits <= 4)                                                                        \
+        if (bits <= 4 && vector_lookup_fast())                                                \
             first = VMUL(packed, total_bytes, bits, grad, out, start, stop, table, zero_exact); \
         for (int64_t s = first; s < stop; s += BLOCK) {                                       \
             int m = (int)(stop - s < BLOCK ? stop - s : BLOCK);                               \
