@@ -90,11 +90,12 @@ def _seed_key(seed):
 
 
 @triton.jit
-def _hash_uniform(start, COLS: tl.constexpr):
-    """Noise of elements ``e = base[r] + [0, COLS)`` given ``start[r] = (base[r] + key) mod
-    2**32`` (uint32 [ROWS]): ``(mix32(e + key) >> 8) * 2**-24``, the codec's counter hash."""
+def _hash_grid(start, COLS: tl.constexpr):
+    """``mix32(e + key) >> 8`` as float32 (an integer below 2**24, exact) for elements ``e =
+    base[r] + [0, COLS)`` given ``start[r] = (base[r] + key) mod 2**32`` (uint32 [ROWS]); the
+    noise is this times ``2**-24`` (the codec's counter hash)."""
     h = _mix32(start[:, None] + tl.arange(0, COLS).to(tl.uint32)[None, :])
-    return (h >> 8).to(tl.float32) * 5.9604644775390625e-08
+    return (h >> 8).to(tl.float32)
 
 
 @triton.jit
@@ -170,12 +171,15 @@ def _quantize_kernel(
     v = (x - lo[:, None]) * inv[:, None]
     v = tl.where(v != v, 0.0, v)
     if HAS_NOISE:
-        u = tl.load(noise_ptr + elem, mask=valid, other=0.0)
+        t = v + tl.load(noise_ptr + elem, mask=valid, other=0.0)
     else:
-        u = _hash_uniform(base.to(tl.uint32) + _seed_key(tl.load(seed_ptr)), GP)
+        grid = _hash_grid(base.to(tl.uint32) + _seed_key(tl.load(seed_ptr)), GP)
+        # v + grid * 2**-24 as one fused multiply-add: the product is exact, so this is the
+        # rounded sum v + u of the other paths
+        t = tl.fma(grid, 5.9604644775390625e-08, v)
     # clamp(floor(t), 0, L) == trunc(clamp(t, 0, L)): 0 and L are integers, and truncation
     # is floor for t >= 0
-    code = tl.minimum(tl.maximum(v + u, 0.0), levels * 1.0).to(tl.int32)
+    code = tl.minimum(tl.maximum(t, 0.0), levels * 1.0).to(tl.int32)
     # runs of 8 codes: a group starts on a packed byte (the layout restriction)
     j8 = tl.arange(0, GP // 8)
     ok8 = (j8[None, :] * 8 < G) & (col0[:, None] + j8[None, :] * 8 < row_len) & gmask[:, None]
