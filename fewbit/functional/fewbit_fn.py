@@ -15,8 +15,9 @@ per-chunk count of non-finite inputs is one native pass, and backward's unpack +
 multiply another (:mod:`fewbit.codecs.native`: C compiled at first use, vectorized, split
 over torch's own OpenMP threads from 64K elements per thread when the library is built with
 OpenMP); the bytes and gradients are the torch path's. The forward allocates only the packed
-code and the side store besides torch's output (no float32 copy of 16-bit inputs). Without a C compiler, or with ``FEWBIT_COMPILE=0`` /
-``FEWBIT_NATIVE=0``, the torch-op path below runs (same results, about 10x slower).
+code and the side store besides torch's output (no float32 copy of 16-bit inputs). Without
+a C compiler, or with ``FEWBIT_COMPILE=0`` / ``FEWBIT_NATIVE=0``, the torch-op path below
+runs (same results, about 10x slower).
 
 No host-device synchronisation: the constant tables (boundaries, levels, torch's
 derivative at +inf, -inf and NaN) are made once per (values, dtype, device) and
