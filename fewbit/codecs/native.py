@@ -1,7 +1,7 @@
 """Native CPU codecs: a small C file compiled at first use, called through ctypes.
 
-``csrc/*.c`` (plain C, no torch headers; ``activations.c``, ``quantize.c``, ``dropout.c``
-and the shared ``float_bits.h``) make one pass per direction for the
+``csrc/*.c`` (plain C, no torch headers; ``activations.c``, ``quantize.c``, ``dropout.c``,
+``maxpool.c`` and the shared ``float_bits.h``) make one pass per direction for the
 few-bit activations: encode + pack + per-chunk count of non-finite inputs, and unpack + level
 lookup + multiply; for 1-bit masks (computed by torch), packing and the non-finite counts;
 for the group quantizer (:mod:`fewbit.codecs.quantize`), quantize + pack and unpack +
@@ -40,7 +40,9 @@ __all__ = ["library", "native_enabled", "uses_openmp", "SOURCES"]
 
 CSRC = Path(__file__).with_name("csrc")
 # Compiled together into one library; headers in CSRC are part of the cache key.
-SOURCES = (CSRC / "activations.c", CSRC / "quantize.c", CSRC / "dropout.c")
+SOURCES = (
+    CSRC / "activations.c", CSRC / "quantize.c", CSRC / "dropout.c", CSRC / "maxpool.c"
+)
 _FLAGS = ("-O3", "-fPIC", "-shared", "-std=c99", "-ffp-contract=off", "-fno-math-errno")
 # Compiler used when $CC is unset (tests point it at a missing program to check the fallback).
 COMPILER = "cc"
@@ -94,6 +96,9 @@ for _name in ("f32", "f64", "bf16", "f16"):
         None,
     )
     _SIGNATURES[f"fewbit_dropout_bwd_{_name}"] = ([_ptr, _i64, _ptr, ctypes.c_double, _ptr], None)
+# maxpool.c: idx, n, geometry (int64[18]), bits, packed / packed, n, geometry, bits, idx
+_SIGNATURES["fewbit_maxpool_encode"] = ([_ptr, _i64, _ptr, _i32, _ptr], None)
+_SIGNATURES["fewbit_maxpool_decode"] = ([_ptr, _i64, _ptr, _i32, _ptr], None)
 
 
 def native_enabled() -> bool:
