@@ -23,7 +23,8 @@ CHUNK = 64  # several chunks (scan and encode) per tensor
 
 @pytest.fixture(autouse=True, params=[1, 3], ids=["1thread", "3threads"])
 def _small_chunks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small chunks; one worker, or three (ranges of chunks in parallel threads)."""
+    """Small chunks; one thread, or three OpenMP threads (each pass split into ranges that
+    run in parallel; native.uses_openmp() builds only)."""
     monkeypatch.setattr(fn, "_CHUNK", CHUNK)
     monkeypatch.setattr(fn, "_PER_THREAD", 128)
     monkeypatch.setattr(torch, "get_num_threads", lambda: request.param)
