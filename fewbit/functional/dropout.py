@@ -2,12 +2,14 @@
 
 :func:`dropout` stores ``ceil(n / 8)`` bytes for backward (a 1-bit
 :class:`~fewbit.codecs.protocol.PackedCodes`, the layout of
-:class:`~fewbit.codecs.protocol.BitPacker`: bit ``e`` of the stream is element ``e`` of the
-flattened tensor) instead of torch's ``n``-element noise tensor in the input dtype (the CPU
+:class:`~fewbit.codecs.protocol.BitPacker`: bit ``e`` of the stream is element ``e`` in the
+order below) instead of torch's ``n``-element noise tensor in the input dtype (the CPU
 keeps it as float32: 32x).
 
-The mask on the CPU (:func:`keep_mask`): element ``e`` (its index in the flattened tensor,
-64-bit) is kept when ``(hash(e) >> 8) >= thr`` with ``thr = round(p * 2**24)`` and
+The mask on the CPU (:func:`keep_mask`): element ``e`` (its index in memory order: the
+flattened tensor when contiguous, e.g. ``N, H, W, C`` order for channels-last; the flattened
+logical order for tensors that are not dense; 64-bit) is kept when
+``(hash(e) >> 8) >= thr`` with ``thr = round(p * 2**24)`` and
 ``hash(e) = mix32(mix32(lo + k0) ^ k1 ^ mix32(hi))`` (``lo``/``hi`` the low/high 32 bits of
 ``e``; ``mix32`` a bijective xorshift-multiply hash of 32-bit integers; all arithmetic mod
 ``2**32``). The keys ``k0, k1`` are two 32-bit integers drawn per call from ``generator``
@@ -26,12 +28,14 @@ NaN for NaN/inf ``x``, as in torch).
 Passes over ``n`` elements on the CPU with the native library
 (:func:`fewbit.codecs.native.library`): forward is one C pass (reads ``x``, writes the output
 and the packed mask; the keep bits come from the hash, no noise tensor), backward one C pass
-(reads the gradient and the mask), both on torch's OpenMP threads. Non-contiguous tensors are
-first copied contiguous. Without the library (``FEWBIT_COMPILE=0``, no C compiler) the same
-hash runs as torch int64 ops in 1M-element chunks (same mask, same bytes; slower). While
-``torch.compile`` traces, the CPU passes are the custom ops ``fewbit::dropout_forward`` and
-``fewbit::dropout_backward`` (same computation). Other devices (CUDA) draw the mask with
-torch's ``bernoulli_`` and pack it (:class:`~fewbit.codecs.protocol.BitPacker`).
+(reads the gradient and the mask), both on torch's OpenMP threads. Dense non-contiguous
+tensors are read in memory order (the output keeps their strides, as torch's); tensors that
+are not dense are first copied contiguous. Without the library (``FEWBIT_COMPILE=0``, no C
+compiler) the same hash runs as torch int64 ops in 1M-element chunks (same mask, same bytes;
+slower). While ``torch.compile`` traces, the CPU passes are the custom ops
+``fewbit::dropout_forward`` and ``fewbit::dropout_backward`` (same computation). Other devices
+(CUDA) draw the mask with torch's ``bernoulli_`` and pack it
+(:class:`~fewbit.codecs.protocol.BitPacker`).
 """
 
 from __future__ import annotations
@@ -118,6 +122,24 @@ def _scale(p: float, dtype: torch.dtype) -> Tensor:
     return torch.ones((), dtype=dtype).div_(1 - p)
 
 
+def _memory_order(x: Tensor) -> Optional[Tuple[int, ...]]:
+    """The dim order that makes ``x.permute(order)`` contiguous when ``x`` is dense but not
+    contiguous (channels-last, transposed): the mask then follows memory order and the output
+    keeps ``x``'s strides, as torch's. None when ``x`` is contiguous or not dense (then the
+    logical order of a contiguous copy is used)."""
+    if x.is_contiguous():
+        return None
+    order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+    return order if x.permute(order).is_contiguous() else None
+
+
+def _inverse(order: Tuple[int, ...]) -> Tuple[int, ...]:
+    inv = [0] * len(order)
+    for i, d in enumerate(order):
+        inv[d] = i
+    return tuple(inv)
+
+
 def _forward_cpu(
     x: Tensor, keys: Tensor, p: float, out: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor]:
@@ -195,18 +217,22 @@ class _Dropout(torch.autograd.Function):
         ctx.hashed = x.device.type == "cpu"  # type: ignore[attr-defined]
         if ctx.hashed:  # type: ignore[attr-defined]
             keys = _draw_keys(generator)
+            perm = _memory_order(x)
+            ctx.perm = perm  # type: ignore[attr-defined]
+            xm = x.permute(perm) if perm is not None else x  # memory order, no copy
             if torch.compiler.is_compiling():
-                out, packed = _forward_op(x, keys, p)
+                out_m, packed = _forward_op(xm, keys, p)
             else:
-                direct = inplace and x.is_contiguous()
-                out, packed = _forward_cpu(x, keys, p, x if direct else None)
+                direct = inplace and xm.is_contiguous()
+                out_m, packed = _forward_cpu(xm, keys, p, xm if direct else None)
+            out = out_m.permute(_inverse(perm)) if perm is not None else out_m  # x's strides
             if not torch.compiler.is_compiling():  # a trace cannot set Python attributes
                 packed = mark_compact(packed)  # the generic mode leaves it alone
             ctx.save_for_backward(packed)
             if not inplace:
                 return out
             ctx.mark_dirty(x)
-            return x if out is x else x.copy_(out)
+            return x if out_m is xm else x.copy_(out)
         # Other devices: torch's draws, noise = bernoulli(1-p)/(1-p), mask packed.
         noise = torch.empty_like(x, memory_format=torch.contiguous_format)
         noise.bernoulli_(1 - p, generator=generator)
@@ -226,9 +252,13 @@ class _Dropout(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None, None]:
         if ctx.hashed:
             (packed,) = ctx.saved_tensors
+            perm = ctx.perm
+            gm = grad.permute(perm) if perm is not None else grad  # the forward's order
             if torch.compiler.is_compiling():
-                return _backward_op(grad, packed, ctx.p), None, None, None
-            return _backward_cpu(grad, packed, ctx.p), None, None, None
+                gx = _backward_op(gm, packed, ctx.p)
+            else:
+                gx = _backward_cpu(gm, packed, ctx.p)
+            return gx.permute(_inverse(perm)) if perm is not None else gx, None, None, None
         (mask,), _ = load_encoded(ctx)
         assert isinstance(mask, PackedCodes)
         noise = mask.decode().to(grad.dtype)

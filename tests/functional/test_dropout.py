@@ -232,17 +232,42 @@ def test_inplace_and_non_contiguous() -> None:
     torch.manual_seed(5)
     out = D.dropout(w, 0.5, inplace=True)
     assert out is w and torch.equal(out, ref)
-    xt = x.t().contiguous().t()  # same values, column-major
+    # dense, column-major: the mask follows memory order, the output keeps the strides
+    xt = x.t().contiguous()
     torch.manual_seed(5)
-    assert torch.equal(D.dropout(xt, 0.5), ref)
-    z = x.t().contiguous().t()
+    ref_t = D.dropout(xt, 0.5)
     torch.manual_seed(5)
-    assert torch.equal(D.dropout(z, 0.5, inplace=True), ref) and torch.equal(z, ref)
+    out_t = D.dropout(xt.t(), 0.5)
+    assert out_t.stride() == xt.t().stride() and torch.equal(out_t, ref_t.t())
+    z = xt.clone().t()
+    torch.manual_seed(5)
+    assert torch.equal(D.dropout(z, 0.5, inplace=True), ref_t.t()) and torch.equal(z, ref_t.t())
+    # not dense (every other column): a contiguous copy, logical order
+    wide = torch.randn(24, 20)
+    torch.manual_seed(5)
+    ref_s = D.dropout(wide[:, ::2].contiguous(), 0.5)
+    torch.manual_seed(5)
+    assert torch.equal(D.dropout(wide[:, ::2], 0.5), ref_s)
     leaf = x.clone().requires_grad_(True)
     torch.manual_seed(5)
     y = D.dropout(leaf * 1.0, 0.5, inplace=True)
     (gx,) = torch.autograd.grad(y.sum(), leaf)
     assert torch.equal(gx, (ref != 0).float() / 0.5)
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_channels_last_keeps_layout_and_torch_arithmetic(monkeypatch, native: str) -> None:
+    """A channels-last input gives a channels-last output and gradient (as torch's dropout);
+    mask bit e is the e-th element in memory; values are torch's x * noise / g * noise."""
+    monkeypatch.setenv("FEWBIT_COMPILE", native)
+    x = torch.randn(2, 3, 5, 4).to(memory_format=torch.channels_last)
+    g = torch.randn(2, 3, 5, 4).to(memory_format=torch.channels_last)
+    out, gx, saved = _run(x, 0.3, g, seed=6)
+    cl = torch.channels_last
+    assert out.is_contiguous(memory_format=cl) and gx.is_contiguous(memory_format=cl)
+    nhwc = unpack(saved[0], 1, x.numel()).view(2, 5, 4, 3)  # memory order
+    noise = nhwc.permute(0, 3, 1, 2).to(x.dtype).div_(1 - 0.3)
+    assert torch.equal(out, x * noise) and torch.equal(gx, g * noise)
 
 
 def test_custom_ops_pass_opcheck() -> None:
