@@ -76,12 +76,13 @@ for _name in ("f32", "f64", "bf16", "f16"):
         None,
     )
 for _name in ("f32", "f64", "bf16", "f16"):
-    # x, row_len, group_size, g0, g1, key, bits, lo_f16, packed, lo, scale
+    # x, row_len, group_size, g0, g1, key, bits, flags, packed, lo, scale
+    # (flags: bit 0 lo stored as fp16, bit 1 OpenMP split allowed, bit 2 portable code only)
     _SIGNATURES[f"fewbit_quantize_{_name}"] = (
         [_ptr, _i64, _i64, _i64, _i64, ctypes.c_uint32, _i32, _i32, _ptr, _ptr, _ptr],
         None,
     )
-    # packed, row_len, group_size, g0, g1, bits, lo, lo_f16, scale, out
+    # packed, row_len, group_size, g0, g1, bits, lo, flags, scale, out
     _SIGNATURES[f"fewbit_dequantize_{_name}"] = (
         [_ptr, _i64, _i64, _i64, _i64, _i32, _ptr, _i32, _ptr, _ptr],
         None,
