@@ -3,9 +3,11 @@
 :func:`scaled_dot_product_attention` computes attention with explicit matmul, softmax and
 dropout, and stores ``q``, ``k``, ``v`` and the softmax output ``P`` quantized to ``bits``
 bits (:class:`fewbit.codecs.quantize.GroupQuantizer`: ``quantized_nbytes`` of each shape)
-plus the dropout mask at 1 bit (:class:`fewbit.codecs.protocol.MaskPacker`). Gradients are
-torch's formulas on the decoded operands: each decoded element is off by less than one
-quantization step (``range / (2**bits - 1)`` of its group), unbiased.
+plus the dropout mask at 1 bit (fewbit's dropout,
+:func:`fewbit.functional.dropout.dropout_with_mask`: one C pass on the CPU, its mask from a
+counter hash seeded from ``generator``). Gradients are torch's formulas on the decoded
+operands: each decoded element is off by less than one quantization step
+(``range / (2**bits - 1)`` of its group), unbiased.
 
 Follows torch's op where it is silent: without autograd it calls
 ``F.scaled_dot_product_attention`` (evaluation bitwise torch's); under ``torch.autocast``
@@ -24,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ..codecs.protocol import MaskPacker
 from ..codecs.quantize import GroupQuantizer, check_group_size, check_quant_bits
+from .dropout import apply_mask, dropout_with_mask
 from .saved import autocast_dtype, checkpoint_active, load_encoded, save_encoded
 
 __all__ = ["scaled_dot_product_attention"]
@@ -57,12 +59,10 @@ class _Attention(torch.autograd.Function):
         del s
         pd = p
         mask = None
-        if dropout_p > 0:
-            keep = torch.empty_like(p).bernoulli_(1 - dropout_p, generator=generator)
-            mask = MaskPacker().encode(keep.ne(0))
-            pd = p * keep.div_(1 - dropout_p)
-            del keep
+        if dropout_p > 0:  # one pass: p * noise and the packed mask (fewbit's dropout)
+            pd, mask = dropout_with_mask(p, dropout_p, generator)
         out = torch.matmul(pd, v)
+        del pd
         codec = GroupQuantizer(bits, group_size, generator=generator)
         ctx.dropout_p = dropout_p  # type: ignore[attr-defined]
         ctx.scale = scale  # type: ignore[attr-defined]
@@ -76,15 +76,11 @@ class _Attention(torch.autograd.Function):
         encoded, _ = load_encoded(ctx)
         q, k, v, p = (e.decode() for e in encoded[:4])  # type: ignore[union-attr]
         mask = encoded[4]
-        pd = p
-        keep: Optional[Tensor] = None
-        if mask is not None:
-            keep = mask.decode().to(p.dtype)
-            keep.div_(1 - ctx.dropout_p)
-            pd = p * keep
+        pd = p if mask is None else apply_mask(p, mask, ctx.dropout_p)
         grad_v = _sum_to(torch.matmul(pd.transpose(-2, -1), grad), v.shape)
+        del pd
         dpd = torch.matmul(grad, v.transpose(-2, -1))
-        dp = dpd * keep if keep is not None else dpd
+        dp = dpd if mask is None else apply_mask(dpd, mask, ctx.dropout_p)
         ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
         grad_q = _sum_to(torch.matmul(ds, k) * ctx.scale, q.shape)
         grad_k = _sum_to(torch.matmul(ds.transpose(-2, -1), q) * ctx.scale, k.shape)

@@ -52,7 +52,7 @@ from ..codecs.native import library
 from ..codecs.protocol import BitPacker, PackedCodes
 from .saved import load_encoded, save_encoded
 
-__all__ = ["dropout", "keep_mask", "keep_threshold"]
+__all__ = ["apply_mask", "dropout", "dropout_with_mask", "keep_mask", "keep_threshold"]
 
 _MASK32 = 0xFFFFFFFF
 _MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B
@@ -204,6 +204,42 @@ def _backward_op(grad: Tensor, packed: Tensor, p: float) -> Tensor:
 @_backward_op.register_fake
 def _(grad: Tensor, packed: Tensor, p: float) -> Tensor:
     return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+
+
+def dropout_with_mask(
+    x: Tensor, p: float, generator: Optional[torch.Generator] = None
+) -> Tuple[Tensor, PackedCodes]:
+    """``x * noise`` and its 1-bit keep-mask (a bool :class:`PackedCodes` of ``x``'s shape, in
+    the logical order of ``x``), for callers that fuse dropout into their own autograd
+    Function (the compressed attention). Same mask and arithmetic as :func:`dropout`'s
+    forward on a contiguous tensor: the hashed C pass on the CPU, torch's draws elsewhere;
+    ``0 < p < 1``."""
+    if x.device.type == "cpu":
+        xc = x.contiguous()
+        keys = _draw_keys(generator)
+        if torch.compiler.is_compiling():
+            out, packed = _forward_op(xc, keys, p)
+        else:
+            out, packed = _forward_cpu(xc, keys, p)
+        return out, PackedCodes(packed, 1, xc.shape, torch.bool)
+    noise = torch.empty_like(x, memory_format=torch.contiguous_format)
+    noise.bernoulli_(1 - p, generator=generator)
+    mask = BitPacker(1).encode(noise.ne(0).view(torch.uint8))
+    noise.div_(1 - p)
+    return x * noise, PackedCodes(mask.packed, 1, mask.shape, torch.bool)
+
+
+def apply_mask(t: Tensor, mask: PackedCodes, p: float) -> Tensor:
+    """``t * noise`` for a mask from :func:`dropout_with_mask` (``t`` of the mask's shape):
+    the dropped-out copy of ``t`` in torch's arithmetic (one C pass on the CPU)."""
+    if t.device.type == "cpu":
+        tc = t.contiguous()
+        if torch.compiler.is_compiling():
+            return _backward_op(tc, mask.packed, p)
+        return _backward_cpu(tc, mask.packed, p)
+    noise = mask.decode().to(t.dtype)
+    noise.div_(1 - p)
+    return t * noise
 
 
 class _Dropout(torch.autograd.Function):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -184,9 +185,14 @@ def test_attention_dropout_uses_one_bit_mask():
     gen = torch.Generator().manual_seed(0)
     out, nbytes = saved_bytes(FC.scaled_dot_product_attention, q, k, v, dropout_p=0.5,
                               bits=8, generator=gen)
-    # Reference: same mask drawn from the same seed, explicit math in float64.
-    keep = torch.empty(1, 2, 8, 8, dtype=torch.float64).bernoulli_(
-        0.5, generator=torch.Generator().manual_seed(0))
+    # Reference: the mask fewbit's dropout draws from the same seed (its two hash keys come
+    # first from the generator), explicit math in float64.
+    drop = importlib.import_module("fewbit.functional.dropout")
+    k0, k1 = torch.randint(0, 1 << 32, (2,), dtype=torch.int64,
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    keep = drop.keep_mask(0, 128, k0, k1, drop.keep_threshold(0.5)).view(1, 2, 8, 8)
+    keep = keep.to(torch.float64)
+    assert 0 < keep.sum() < 128
     p = torch.softmax(q @ k.transpose(-2, -1) / 2.0, -1)
     ref = (p * keep / 0.5) @ v
     torch.testing.assert_close(out, ref)
