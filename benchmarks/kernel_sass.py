@@ -16,7 +16,9 @@ iteration). Static counts include both sides of any branch (and slow paths such 
 range reduction), so they bound the executed count from above.
 
 Goals (issue 12): activation forward <= 40 and backward <= 25 instructions per element
-(bf16, 3 bits); quantize <= 40 and dequantize <= 20 (2 bits); no spills.
+(bf16, 3 bits); quantize <= 40 and dequantize <= 20 (2 bits); no spills. The quantize rows
+compile as launched (``enable_fp_fusion=False``, ``Variant.options``): rows of whole groups
+(``_quantize_whole_kernel``), and ``tail``, the masked kernel for other layouts (no goal).
 
 Run: ``python benchmarks/kernel_sass.py [--arch 90] [--only NAME ...] [--json out.json]
 [--sass DIR]`` (``TRITON_INTERPRET`` must be unset; about 2-5 s per variant). Exit status 1
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -53,6 +56,7 @@ class Variant:
     goal: Optional[float] = None  # instructions per element
     note: str = ""
     loop: bool = False  # the kernel loops over its inner dimension: count the loop body
+    options: dict[str, Any] = field(default_factory=dict)  # compile options of the launch
 
 
 @dataclass
@@ -218,10 +222,20 @@ def _groups() -> tuple[int, int]:
     return int(getattr(launch, "GPU_GROUPS", 512)), int(getattr(launch, "NUM_WARPS", 4))
 
 
+def kernel_params(kernel: Any) -> list[tuple[str, bool]]:
+    """(name, is_constexpr) of a kernel's parameters, in order: from a JIT function's
+    ``params``, or (under ``TRITON_INTERPRET=1``) from the wrapped function's annotations."""
+    if hasattr(kernel, "params"):
+        return [(p.name, bool(p.is_constexpr)) for p in kernel.params]
+    fn = getattr(kernel, "fn", kernel)
+    return [(name, "constexpr" in str(p.annotation))
+            for name, p in inspect.signature(fn).parameters.items()]  # fmt: skip
+
+
 def _constexprs(mod: Any, kernel: str) -> set[str]:
     """Names of a kernel's compile-time parameters (variants built for older kernels skip new
     ones)."""
-    return {p.name for p in getattr(mod, kernel).params if p.is_constexpr}
+    return {name for name, const in kernel_params(getattr(mod, kernel)) if const}
 
 
 def _act_forward(act: str, dtype_name: str, bits: int) -> Callable[[Any], Any]:
@@ -266,7 +280,9 @@ def _quant_config(mod: Any, group: int) -> tuple[int, int]:
     return tuple(int(v) for v in mod._config(group))  # type: ignore[return-value]
 
 
-def _quantize(dtype_name: str, bits: int, group: int) -> Callable[[Any], Any]:
+def _quantize(dtype_name: str, bits: int, group: int, whole: bool = True) -> Callable[[Any], Any]:
+    """whole: rows of whole groups (``_quantize_whole_kernel``); False: the masked kernel."""
+
     def build(mod: Any) -> tuple[dict[str, Any], dict[str, Any], int]:
         import torch
 
@@ -283,6 +299,11 @@ def _quantize(dtype_name: str, bits: int, group: int) -> Callable[[Any], Any]:
                 "nbytes": SIZE * bits // 8}  # fmt: skip
         consts = {"BITS": bits, "P": byte_pad(bits), "G": group, "NG": ng, "GP": gp,
                   "LO_FP16": dtype == torch.float16, "HAS_NOISE": False}  # fmt: skip
+        kernel = "_quantize_kernel"
+        if whole:
+            kernel = "_quantize_whole_kernel"
+            consts["A"] = int(mod._chunks(group, dtype.itemsize))
+        consts = {k: v for k, v in consts.items() if k in _constexprs(mod, kernel)}
         return args, consts, int(getattr(mod, "NUM_WARPS", 4))
 
     return build
@@ -346,6 +367,8 @@ def _per_s_tile(c: dict[str, Any]) -> int:
     return int(c["BLOCK_J"]) * int(c["BLOCK_G"]) * 4
 
 
+_NO_FUSION = {"enable_fp_fusion": False}  # as the quantizer launches (no FP contraction)
+
 VARIANTS: list[Variant] = [
     Variant("act fwd gelu bf16 b3", "activations", "_forward_kernel",
             _act_forward("gelu", "bfloat16", 3), _per_group, 40.0),
@@ -361,10 +384,15 @@ VARIANTS: list[Variant] = [
             _act_backward("float32", 3), _per_group, 25.0),
     Variant("act bwd bf16 b1", "activations", "_backward_kernel",
             _act_backward("bfloat16", 1), _per_group, 25.0),
-    Variant("quantize bf16 b2 G256", "quantize", "_quantize_kernel",
-            _quantize("bfloat16", 2, 256), _per_tile, 40.0, "Philox noise"),
-    Variant("quantize fp32 b2 G256", "quantize", "_quantize_kernel",
-            _quantize("float32", 2, 256), _per_tile, 40.0, "Philox noise"),
+    Variant("quantize bf16 b2 G256", "quantize", "_quantize_whole_kernel",
+            _quantize("bfloat16", 2, 256), _per_tile, 40.0, "rows of whole groups",
+            options=_NO_FUSION),
+    Variant("quantize fp32 b2 G256", "quantize", "_quantize_whole_kernel",
+            _quantize("float32", 2, 256), _per_tile, 40.0, "rows of whole groups",
+            options=_NO_FUSION),
+    Variant("quantize bf16 b2 G256 tail", "quantize", "_quantize_kernel",
+            _quantize("bfloat16", 2, 256, whole=False), _per_tile, None, "masked tails",
+            options=_NO_FUSION),
     Variant("dequantize bf16 b2 G256", "quantize", "_dequantize_kernel",
             _dequantize("bfloat16", 2, 256), _per_tile, 20.0),
     Variant("pack b3", "bitpack", "_pack_kernel", _pack("codes", 3), _per_group),
@@ -381,8 +409,9 @@ VARIANTS: list[Variant] = [
 
 def _bind(kernel: Any, args: dict[str, Any], consts: dict[str, Any]) -> list[Any]:
     """Positional arguments in the kernel's order; a clear error when the signature moved."""
-    names = [p.name for p in kernel.params if not p.is_constexpr]
-    const_names = {p.name for p in kernel.params if p.is_constexpr}
+    params = kernel_params(kernel)
+    names = [name for name, const in params if not const]
+    const_names = {name for name, const in params if const}
     missing = [n for n in names if n not in args]
     missing_c = sorted(const_names - set(consts))
     unknown = sorted(set(consts) - const_names)
@@ -405,7 +434,8 @@ def measure(variant: Variant, workdir: str, sass_dir: Optional[str] = None) -> R
         args, consts, warps = variant.build(mod)
         positional = _bind(kernel, args, consts)
         t0 = time.perf_counter()
-        compiled = kernel.warmup(*positional, grid=(1,), num_warps=warps, **consts)
+        compiled = kernel.warmup(*positional, grid=(1,), num_warps=warps, **consts,
+                                 **variant.options)  # fmt: skip
         res.compile_s = time.perf_counter() - t0
         cubin = os.path.join(workdir, re.sub(r"\W+", "_", variant.name) + ".cubin")
         with open(cubin, "wb") as f:

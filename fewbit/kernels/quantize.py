@@ -17,6 +17,15 @@ sync) gives a 32-bit key ``k = mix32(high ^ mix32(low))`` (computed in the kerne
 instructions per element, exactly uniform on its 2**24-point grid for a uniform key, repeating
 only for elements 2**32 apart in one tensor (see :func:`fewbit.codecs.quantize._uniform`).
 
+Two quantize kernels. Rows made of whole groups of a power-of-two size (the usual case, e.g.
+hidden sizes that are multiples of the group) take ``_quantize_whole_kernel``: no element masks,
+each thread's elements lie in one group (a [chunks, groups, chunk] tile, 16-byte loads), and
+NaN-propagating min/max mark non-finite groups with no extra pass (about 32 SASS instructions
+per element for bf16 2-bit at group 256, sm_90, ``benchmarks/kernel_sass.py``). Other layouts
+(partial last groups, sizes that are not powers of two) take ``_quantize_kernel``: masked-off
+positions load as NaN, which the NaN-ignoring min/max skip, and one sum of ``x * 0`` finds
+non-finite elements (about 48). Both write the same bytes for the same input and noise.
+
 Layout restriction: every group must start at a multiple of 8 elements (a packed-byte
 boundary): ``group_size % 8 == 0`` and, with several rows, ``row_len % 8 == 0``
 (:func:`supports`). Bytes per element: quantize ``s + bits/8 + 4/group_size``,
@@ -90,6 +99,18 @@ def _seed_key(seed):
 
 
 @triton.jit
+def _min_nan(a, b):
+    """Minimum that propagates NaN (PTX min.NaN.f32, numpy's minimum in the interpreter)."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max_nan(a, b):
+    """Maximum that propagates NaN (PTX max.NaN.f32, numpy's maximum in the interpreter)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _hash_grid(start, COLS: tl.constexpr):
     """``mix32(e + key) >> 8`` as float32 (an integer below 2**24, exact) for elements ``e =
     base[r] + [0, COLS)`` given ``start[r] = (base[r] + key) mod 2**32`` (uint32 [ROWS]); the
@@ -132,28 +153,10 @@ def _byte_groups(
 
 
 @triton.jit
-def _quantize_kernel(
-    x_ptr, noise_ptr, packed_ptr, lo_ptr, scale_ptr,
-    n_groups, groups_per_row, row_len, nbytes, seed_ptr,
-    BITS: tl.constexpr, P: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr,
-    LO_FP16: tl.constexpr, HAS_NOISE: tl.constexpr,
-):  # fmt: skip
-    # group indices in int32 (n_groups < 2**31: 32-bit division), element indices in int64
-    gi = tl.program_id(0) * NG + tl.arange(0, NG)
-    row = gi // groups_per_row
-    col0 = (gi % groups_per_row) * G
-    base = row.to(tl.int64) * row_len + col0  # each group's first element
-    j = tl.arange(0, GP)
-    elem = base[:, None] + j[None, :]
-    valid = (j[None, :] < G) & ((col0[:, None] + j[None, :]) < row_len) & (gi < n_groups)[:, None]
-    # Masked-off positions load as NaN: min and max ignore NaN (PTX min/max, numpy's nanmin
-    # in the interpreter), and their codes come out 0 (NaN quotients count as 0 below).
-    x = tl.load(x_ptr + elem, mask=valid, other=float("nan")).to(tl.float32)
+def _group_params(mn, mx, nonfinite, LO_FP16: tl.constexpr, BITS: tl.constexpr):
+    """Per group: (lo, scale) as stored (NaN for bad groups), and (lo, inv) for the codes
+    (0 and 1 for bad groups). ``mn`` / ``mx`` / ``nonfinite`` have the group's shape."""
     levels: tl.constexpr = (1 << BITS) - 1
-    mn = tl.min(x, axis=1)
-    mx = tl.max(x, axis=1)
-    # x * 0 is NaN exactly for inf and NaN: one sum finds a non-finite element of the group
-    nonfinite = tl.sum(tl.where(valid, x, 0.0) * 0.0, axis=1) != 0.0
     if LO_FP16:  # float16 input: the minimum is a float16 value already
         lo = mn
     else:
@@ -162,33 +165,121 @@ def _quantize_kernel(
     step = tl.where(step > 0, tl.maximum(step, 2.0**-126), step)  # 1 / scale stays finite
     scale = _bf16_directed(step, True)
     bad = nonfinite | ~_finite(lo) | ~_finite(scale)
-    gmask = gi < n_groups
-    tl.store(lo_ptr + gi, tl.where(bad, float("nan"), lo).to(lo_ptr.dtype.element_ty), mask=gmask)
-    tl.store(scale_ptr + gi, tl.where(bad, float("nan"), scale).to(tl.bfloat16), mask=gmask)
-    lo = tl.where(bad, 0.0, lo)
+    lo_out = tl.where(bad, float("nan"), lo)
+    scale_out = tl.where(bad, float("nan"), scale)
     scale = tl.where(bad, 0.0, scale)
     inv = tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0))  # per group, correctly rounded
-    v = (x - lo[:, None]) * inv[:, None]
-    v = tl.where(v != v, 0.0, v)
-    if HAS_NOISE:
-        t = v + tl.load(noise_ptr + elem, mask=valid, other=0.0)
-    else:
-        grid = _hash_grid(base.to(tl.uint32) + _seed_key(tl.load(seed_ptr)), GP)
+    return lo_out, scale_out, tl.where(bad, 0.0, lo), inv
+
+
+@triton.jit
+def _codes(x, lo, inv, u, HASHED: tl.constexpr, BITS: tl.constexpr):
+    """int32 codes ``clamp(floor((x - lo) * inv + u), 0, L)``; ``u`` is the noise, or with
+    HASHED the hash grid (u = grid * 2**-24)."""
+    levels: tl.constexpr = (1 << BITS) - 1
+    # NaN quotients (masked-off positions, NaN in bad groups) give code 0 through the clamp:
+    # tl.maximum ignores NaN (PTX max.f32, numpy's fmax in the interpreter)
+    v = (x - lo) * inv
+    if HASHED:
         # v + grid * 2**-24 as one fused multiply-add: the product is exact, so this is the
         # rounded sum v + u of the other paths
-        t = tl.fma(grid, 5.9604644775390625e-08, v)
+        t = tl.fma(u, 5.9604644775390625e-08, v)
+    else:
+        t = v + u
     # clamp(floor(t), 0, L) == trunc(clamp(t, 0, L)): 0 and L are integers, and truncation
-    # is floor for t >= 0
-    code = tl.minimum(tl.maximum(t, 0.0), levels * 1.0).to(tl.int32)
+    # is floor for t >= 0; a NaN t clamps to 0
+    return tl.minimum(tl.maximum(t, 0.0), levels * 1.0).to(tl.int32)
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, noise_ptr, packed_ptr, lo_ptr, scale_ptr,
+    n_groups, groups_per_row, row_len, nbytes, seed_ptr,
+    BITS: tl.constexpr, P: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr,
+    LO_FP16: tl.constexpr, HAS_NOISE: tl.constexpr,
+):  # fmt: skip
+    """Any layout (partial groups, padding to GP): masked-off positions load as NaN, which
+    min/max ignore, and one sum of x * 0 finds a non-finite element."""
+    # group indices in int32 (n_groups < 2**31: 32-bit division), element indices in int64
+    gi = tl.program_id(0) * NG + tl.arange(0, NG)
+    row = gi // groups_per_row
+    col0 = (gi % groups_per_row).to(tl.int64) * G  # int64: a row may pass 2**31 elements
+    base = row.to(tl.int64) * row_len + col0  # each group's first element
+    size = tl.minimum(row_len - col0, G).to(tl.int32)  # the group's length
+    j = tl.arange(0, GP)
+    elem = base[:, None] + j[None, :]
+    gmask = gi < n_groups
+    valid = (j[None, :] < size[:, None]) & gmask[:, None]
+    # min and max ignore NaN (PTX min/max, numpy's nanmin in the interpreter)
+    x = tl.load(x_ptr + elem, mask=valid, other=float("nan")).to(tl.float32)
+    mn = tl.min(x, axis=1)
+    mx = tl.max(x, axis=1)
+    # x * 0 is NaN exactly for inf and NaN: one sum finds a non-finite element of the group
+    nonfinite = tl.sum(tl.where(valid, x, 0.0) * 0.0, axis=1) != 0.0
+    lo_out, scale_out, lo, inv = _group_params(mn, mx, nonfinite, LO_FP16, BITS)
+    tl.store(lo_ptr + gi, lo_out.to(lo_ptr.dtype.element_ty), mask=gmask)
+    tl.store(scale_ptr + gi, scale_out.to(tl.bfloat16), mask=gmask)
+    if HAS_NOISE:
+        u = tl.load(noise_ptr + elem, mask=valid, other=0.0)
+    else:
+        u = _hash_grid(base.to(tl.uint32) + _seed_key(tl.load(seed_ptr)), GP)
+    code = _codes(x, lo[:, None], inv[:, None], u, not HAS_NOISE, BITS)
     # runs of 8 codes: a group starts on a packed byte (the layout restriction)
     j8 = tl.arange(0, GP // 8)
-    ok8 = (j8[None, :] * 8 < G) & (col0[:, None] + j8[None, :] * 8 < row_len) & gmask[:, None]
+    ok8 = (j8[None, :] * 8 < size[:, None]) & gmask[:, None]
     run = (base // 8)[:, None] + j8[None, :]
     k = tl.arange(0, P)
     offs = tl.reshape(run, (NG * GP // 8,))[:, None] * BITS + k[None, :]
     ok8 = tl.reshape(ok8, (NG * GP // 8,))
     code8 = tl.reshape(code, (NG * GP // 8, 8))
     mask = ok8[:, None] & (k[None, :] < BITS) & (offs < nbytes)
+    tl.store(packed_ptr + offs, pack_groups(code8, BITS, P).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _quantize_whole_kernel(
+    x_ptr, noise_ptr, packed_ptr, lo_ptr, scale_ptr,
+    n_groups, groups_per_row, row_len, nbytes, seed_ptr,
+    BITS: tl.constexpr, P: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, A: tl.constexpr,
+    LO_FP16: tl.constexpr, HAS_NOISE: tl.constexpr,
+):  # fmt: skip
+    """Rows of whole groups, G a power of two (:func:`_whole`): no element masks. The tile is
+    [A, NG, G // A] (element (a, g, c) is element a * (G // A) + c of group g), so a thread's
+    elements lie in one group and the per-group work is shared by fewer elements' threads.
+    NaN-propagating min/max find non-finite groups: no extra pass."""
+    C: tl.constexpr = G // A
+    gi = tl.program_id(0) * NG + tl.arange(0, NG)
+    row = gi // groups_per_row
+    col0 = (gi % groups_per_row).to(tl.int64) * G  # int64: a row may pass 2**31 elements
+    base = row.to(tl.int64) * row_len + col0  # each group's first element
+    within = tl.arange(0, A)[:, None, None] * C + tl.arange(0, C)[None, None, :]  # [A, 1, C]
+    elem = base[None, :, None] + within
+    gmask = gi < n_groups
+    valid = tl.broadcast_to(gmask[None, :, None], (A, NG, C))
+    x = tl.load(x_ptr + elem, mask=valid, other=0.0).to(tl.float32)
+    # a NaN anywhere makes both NaN, an infinity makes one infinite: a bad group below
+    mn = tl.reduce(tl.reduce(x, 0, _min_nan), 1, _min_nan)  # in-thread axis first
+    mx = tl.reduce(tl.reduce(x, 0, _max_nan), 1, _max_nan)
+    lo_out, scale_out, lo, inv = _group_params(mn, mx, gi < 0, LO_FP16, BITS)
+    tl.store(lo_ptr + gi, lo_out.to(lo_ptr.dtype.element_ty), mask=gmask)
+    tl.store(scale_ptr + gi, scale_out.to(tl.bfloat16), mask=gmask)
+    if HAS_NOISE:
+        u = tl.load(noise_ptr + elem, mask=valid, other=0.0)
+    else:
+        start = base.to(tl.uint32) + _seed_key(tl.load(seed_ptr))
+        u = (_mix32(start[None, :, None] + within.to(tl.uint32)) >> 8).to(tl.float32)
+    code = _codes(x, lo[None, :, None], inv[None, :, None], u, not HAS_NOISE, BITS)
+    # runs of 8 codes; run (a, g, r) holds elements a * C + 8r .. + 7 of group g
+    k = tl.arange(0, P)
+    run = (
+        (base // 8)[None, :, None]
+        + tl.arange(0, A)[:, None, None] * (C // 8)
+        + tl.arange(0, C // 8)[None, None, :]
+    )
+    offs = tl.reshape(run, (A * NG * C // 8,))[:, None] * BITS + k[None, :]
+    ok8 = tl.reshape(tl.broadcast_to(gmask[None, :, None], (A, NG, C // 8)), (A * NG * C // 8,))
+    code8 = tl.reshape(code, (A * NG * C // 8, 8))
+    mask = ok8[:, None] & (k[None, :] < BITS)
     tl.store(packed_ptr + offs, pack_groups(code8, BITS, P).to(tl.uint8), mask=mask)
 
 
@@ -230,6 +321,20 @@ def supports(shape: Sequence[int], group_size: int, per_sample: bool = True) -> 
     rows, row_len, _ = _layout(shape, group_size, per_sample)
     aligned = group_size % 8 == 0 and (rows <= 1 or row_len % 8 == 0)
     return aligned and group_size <= MAX_GROUP_SIZE
+
+
+def _whole(row_len: int, group_size: int) -> bool:
+    """True when rows are whole groups of a power-of-two size (``_quantize_whole_kernel``)."""
+    return row_len % group_size == 0 and group_size == triton.next_power_of_2(group_size)
+
+
+def _chunks(group_size: int, itemsize: int) -> int:
+    """A of ``_quantize_whole_kernel`` (on a GPU): a thread loads 16 bytes per chunk, a group
+    spreads over ``group_size // 32`` threads (at least one), so a program's 128 threads hold
+    about 32 elements each, of one group (for group_size >= 32); chunks of at least 8."""
+    threads = max(1, group_size // 32)
+    chunk = min(group_size, max(8, threads * (16 // itemsize)))
+    return group_size // chunk
 
 
 def _config(group_size: int) -> tuple[int, int]:
@@ -300,14 +405,19 @@ def quantize(
         seed_t = _seed_tensor(seed, generator, x.device)
     if n_groups:
         gp, ng = _config(group_size)
+        args = (flat, noise if noise is not None else flat, packed, lo, scale,
+                n_groups, gpr, row_len, nbytes, seed_t)  # fmt: skip
+        common = dict(BITS=bits, P=byte_pad(bits), G=group_size, NG=ng,
+                      LO_FP16=lo_dtype == torch.float16, HAS_NOISE=noise is not None,
+                      num_warps=NUM_WARPS, enable_fp_fusion=False)  # fmt: skip
+        grid = (triton.cdiv(n_groups, ng),)
         with device_guard(x):
-            _quantize_kernel[(triton.cdiv(n_groups, ng),)](
-                flat, noise if noise is not None else flat, packed, lo, scale,
-                n_groups, gpr, row_len, nbytes, seed_t,
-                BITS=bits, P=byte_pad(bits), G=group_size, NG=ng, GP=gp,
-                LO_FP16=lo_dtype == torch.float16, HAS_NOISE=noise is not None,
-                num_warps=NUM_WARPS, enable_fp_fusion=False,
-            )  # fmt: skip
+            if _whole(row_len, group_size):
+                _quantize_whole_kernel[grid](
+                    *args, A=_chunks(group_size, x.element_size()), **common
+                )
+            else:
+                _quantize_kernel[grid](*args, GP=gp, **common)
     return QuantizedTensor(packed, lo, scale, x.shape, x.dtype, bits, group_size, per_sample)
 
 

@@ -71,3 +71,14 @@ def test_every_variant_has_a_kernel_in_fewbit() -> None:
     for v in ks.VARIANTS:
         mod = importlib.import_module(f"fewbit.kernels.{v.module}")
         assert hasattr(mod, v.kernel), v.name
+
+
+def test_every_variant_binds_to_its_kernels_signature() -> None:
+    """Each variant's arguments and constexprs match its kernel's parameters (no compiler
+    needed): a kernel signature change fails here, not only in the GPU-less benchmark."""
+    for v in ks.VARIANTS:
+        mod = importlib.import_module(f"fewbit.kernels.{v.module}")
+        kernel = getattr(mod, v.kernel)  # interpreted here: parameters from annotations
+        args, consts, warps = v.build(mod)
+        assert len(ks._bind(kernel, args, consts)) == len(args), v.name
+        assert warps >= 1 and v.elements(consts) > 0, v.name

@@ -179,3 +179,45 @@ def test_seeded_codes_use_the_documented_noise(shape: tuple, group: int) -> None
     ref = kq.quantize(x, 2, group, noise=noise)
     assert torch.equal(q.packed, ref.packed) and same_bits(q.lo, ref.lo)
     assert same_bits(q.scale, ref.scale)
+
+
+# ---- rows of whole power-of-two groups: the mask-free kernel ---------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 8])
+def test_whole_group_kernel_matches_the_cpu_bytes(bits: int, dtype: torch.dtype) -> None:
+    """Rows of whole power-of-two groups take ``_quantize_whole_kernel`` (NaN-propagating
+    min/max instead of a non-finite pass): same bytes as the torch path, given noise and seeded,
+    with NaN, +inf, -inf, inf-and-NaN, constant and (float32) subnormal groups."""
+    shape, group = (3, 1024), 256
+    assert kq._whole(shape[1], group) and not kq._whole(3000, group)
+    assert not kq._whole(960, 192)  # padded to 256: the masked kernel
+    x = (torch.randn(shape) * 3 + 1).to(dtype)
+    x[0, 5] = float("nan")
+    x[0, 300] = float("inf")
+    x[0, 600] = -float("inf")
+    x[0, 800], x[0, 801] = float("inf"), float("nan")
+    x[1, :256] = 0.25  # constant group: scale 0
+    x[1, 256:512] = float("inf")  # lo = inf
+    if dtype == torch.float32:  # (the interpreter flushes bf16 subnormals it widens)
+        x[2, :256] = torch.linspace(0.0, 2.0**-130, 256)
+    noise = torch.rand(shape)
+    ref = torch_path(x, bits, group, noise)
+    got = kq.quantize(x, bits, group, noise=noise)
+    assert torch.equal(got.packed, ref.packed)
+    assert same_bits(got.lo, ref.lo) and same_bits(got.scale, ref.scale)
+    assert int(got.lo.float().isnan().sum()) == 5  # the four bad groups of row 0, +inf group
+    seed = torch.tensor([2**40 + 5], dtype=torch.int64)
+    got = kq.quantize(x, bits, group, seed=seed)
+    packed, lo, scale = codec._torch_quantize(x, seed, bits, group, True)
+    assert torch.equal(got.packed, packed)
+    assert same_bits(got.lo, lo) and same_bits(got.scale, scale)
+
+
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_whole_kernel_chunks_hold_whole_runs_of_codes(itemsize: int) -> None:
+    """The [A, NG, G // A] tile: chunks divide the group and hold whole runs of 8 codes."""
+    g = 8
+    while g <= codec.MAX_GROUP_SIZE:
+        a = kq._chunks(g, itemsize)
+        assert a >= 1 and g % a == 0 and (g // a) % 8 == 0, (g, a)
+        g *= 2
