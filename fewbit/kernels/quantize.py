@@ -22,9 +22,10 @@ hidden sizes that are multiples of the group) take ``_quantize_whole_kernel``: n
 each thread's elements lie in one group (a [chunks, groups, chunk] tile, 16-byte loads), and
 NaN-propagating min/max mark non-finite groups with no extra pass (about 32 SASS instructions
 per element for bf16 2-bit at group 256, sm_90, ``benchmarks/kernel_sass.py``). Other layouts
-(partial last groups, sizes that are not powers of two) take ``_quantize_kernel``: masked-off
-positions load as NaN, which the NaN-ignoring min/max skip, and one sum of ``x * 0`` finds
-non-finite elements (about 48). Both write the same bytes for the same input and noise.
+(partial last groups, sizes that are not powers of two) take ``_quantize_kernel``, the same
+tile over the group padded to a power of two: masked-off positions load as NaN, which the
+NaN-ignoring min/max skip, and one sum of ``x * 0`` finds non-finite elements (about 37).
+Both write the same bytes for the same input and noise.
 
 Layout restriction: every group must start at a multiple of 8 elements (a packed-byte
 boundary): ``group_size % 8 == 0`` and, with several rows, ``row_len % 8 == 0``
@@ -196,42 +197,46 @@ def _quantize_kernel(
     x_ptr, noise_ptr, packed_ptr, lo_ptr, scale_ptr,
     n_groups, groups_per_row, row_len, nbytes, seed_ptr,
     BITS: tl.constexpr, P: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr,
-    LO_FP16: tl.constexpr, HAS_NOISE: tl.constexpr,
+    A: tl.constexpr, LO_FP16: tl.constexpr, HAS_NOISE: tl.constexpr,
 ):  # fmt: skip
-    """Any layout (partial groups, padding to GP): masked-off positions load as NaN, which
-    min/max ignore, and one sum of x * 0 finds a non-finite element."""
+    """Any layout (partial groups, G padded to GP): the tile of ``_quantize_whole_kernel``
+    over GP; masked-off positions load as NaN, which min/max ignore, and one sum of x * 0
+    finds a non-finite element."""
+    C: tl.constexpr = GP // A
     # group indices in int32 (n_groups < 2**31: 32-bit division), element indices in int64
     gi = tl.program_id(0) * NG + tl.arange(0, NG)
     row = gi // groups_per_row
     col0 = (gi % groups_per_row).to(tl.int64) * G  # int64: a row may pass 2**31 elements
     base = row.to(tl.int64) * row_len + col0  # each group's first element
     size = tl.minimum(row_len - col0, G).to(tl.int32)  # the group's length
-    j = tl.arange(0, GP)
-    elem = base[:, None] + j[None, :]
+    within = tl.arange(0, A)[:, None, None] * C + tl.arange(0, C)[None, None, :]  # [A, 1, C]
+    elem = base[None, :, None] + within
     gmask = gi < n_groups
-    valid = (j[None, :] < size[:, None]) & gmask[:, None]
+    valid = (within < size[None, :, None]) & gmask[None, :, None]
     # min and max ignore NaN (PTX min/max, numpy's nanmin in the interpreter)
     x = tl.load(x_ptr + elem, mask=valid, other=float("nan")).to(tl.float32)
-    mn = tl.min(x, axis=1)
-    mx = tl.max(x, axis=1)
+    mn = tl.min(tl.min(x, axis=0), axis=1)  # in-thread axis first
+    mx = tl.max(tl.max(x, axis=0), axis=1)
     # x * 0 is NaN exactly for inf and NaN: one sum finds a non-finite element of the group
-    nonfinite = tl.sum(tl.where(valid, x, 0.0) * 0.0, axis=1) != 0.0
+    nonfinite = tl.sum(tl.sum(tl.where(valid, x, 0.0) * 0.0, axis=0), axis=1) != 0.0
     lo_out, scale_out, lo, inv = _group_params(mn, mx, nonfinite, LO_FP16, BITS)
     tl.store(lo_ptr + gi, lo_out.to(lo_ptr.dtype.element_ty), mask=gmask)
     tl.store(scale_ptr + gi, scale_out.to(tl.bfloat16), mask=gmask)
     if HAS_NOISE:
         u = tl.load(noise_ptr + elem, mask=valid, other=0.0)
     else:
-        u = _hash_grid(base.to(tl.uint32) + _seed_key(tl.load(seed_ptr)), GP)
-    code = _codes(x, lo[:, None], inv[:, None], u, not HAS_NOISE, BITS)
-    # runs of 8 codes: a group starts on a packed byte (the layout restriction)
-    j8 = tl.arange(0, GP // 8)
-    ok8 = (j8[None, :] * 8 < size[:, None]) & gmask[:, None]
-    run = (base // 8)[:, None] + j8[None, :]
+        start = base.to(tl.uint32) + _seed_key(tl.load(seed_ptr))
+        u = (_mix32(start[None, :, None] + within.to(tl.uint32)) >> 8).to(tl.float32)
+    code = _codes(x, lo[None, :, None], inv[None, :, None], u, not HAS_NOISE, BITS)
+    # runs of 8 codes (a group starts on a packed byte: the layout restriction); run (a, g, r)
+    # holds elements a * C + 8r .. + 7 of group g
     k = tl.arange(0, P)
-    offs = tl.reshape(run, (NG * GP // 8,))[:, None] * BITS + k[None, :]
-    ok8 = tl.reshape(ok8, (NG * GP // 8,))
-    code8 = tl.reshape(code, (NG * GP // 8, 8))
+    first8 = tl.arange(0, A)[:, None, None] * (C // 8) + tl.arange(0, C // 8)[None, None, :]
+    run = (base // 8)[None, :, None] + first8
+    ok8 = (first8 * 8 < size[None, :, None]) & gmask[None, :, None]
+    offs = tl.reshape(run, (A * NG * C // 8,))[:, None] * BITS + k[None, :]
+    ok8 = tl.reshape(ok8, (A * NG * C // 8,))
+    code8 = tl.reshape(code, (A * NG * C // 8, 8))
     mask = ok8[:, None] & (k[None, :] < BITS) & (offs < nbytes)
     tl.store(packed_ptr + offs, pack_groups(code8, BITS, P).to(tl.uint8), mask=mask)
 
@@ -417,7 +422,7 @@ def quantize(
                     *args, A=_chunks(group_size, x.element_size()), **common
                 )
             else:
-                _quantize_kernel[grid](*args, GP=gp, **common)
+                _quantize_kernel[grid](*args, GP=gp, A=_chunks(gp, x.element_size()), **common)
     return QuantizedTensor(packed, lo, scale, x.shape, x.dtype, bits, group_size, per_sample)
 
 
