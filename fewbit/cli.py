@@ -45,8 +45,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="fp32, or bf16 autocast with fp32 weights (default: fp32)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per process (default: 3)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up steps (default: 1)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per process (default: 5)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="warm-up steps (default: 3; the first steps of a fresh process run slower)",
+    )
     p.add_argument("--seed", type=int, default=0, help="weights and batch seed (default: 0)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
 
