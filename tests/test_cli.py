@@ -13,7 +13,8 @@ from fewbit.cli import build_parser, main
 
 def test_parser_defaults_and_preset_alias() -> None:
     args = build_parser().parse_args(["bench"])
-    assert (args.model, args.dtype, args.steps, args.configs) == ("roberta-small", "fp32", 3, None)
+    assert (args.model, args.dtype, args.configs) == ("roberta-small", "fp32", None)
+    assert (args.steps, args.warmup) == (5, 3)  # 0.3.0: longer warm-up, more timed steps
     args = build_parser().parse_args(["bench", "--preset", "roberta-base-mrpc", "--dtype", "bf16"])
     assert (args.model, args.dtype) == ("roberta-base-mrpc", "bf16")
     assert build_parser().parse_args(["profile", "--config", "gelu3"]).config == "gelu3"
