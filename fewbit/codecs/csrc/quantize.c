@@ -135,6 +135,29 @@ Q_INLINE void min_max_step(const q_vf *vp, q_vf *mn, q_vf *mx) {
     *mx = (q_vf)(((q_vi)v & gt) | ((q_vi)*mx & ~gt));
 }
 
+/* The end of group_range (both versions): across the 16 lanes' min / max / non-finite bits,
+ * then elements [k, m) one by one; returns whether all were finite. */
+static inline int range_finish(const float *mnl, const float *mxl, const int32_t *nfl,
+                               const float *buf, int64_t k, int64_t m, float *mn_out,
+                               float *mx_out) {
+    float mn = buf[0], mx = buf[0];
+    int32_t nf = 0;
+    for (int t = 0; t < 16; t++) {
+        mn = mnl[t] < mn ? mnl[t] : mn;
+        mx = mxl[t] > mx ? mxl[t] : mx;
+        nf |= nfl[t];
+    }
+    for (; k < m; k++) {
+        float v = buf[k];
+        mn = v < mn ? v : mn;
+        mx = v > mx ? v : mx;
+        nf |= !(fabsf(v) <= 3.4028234663852886e38f);
+    }
+    *mn_out = mn;
+    *mx_out = mx;
+    return nf == 0;
+}
+
 /* min and max of m >= 1 floats (lane-wise in 2 x 16 lanes, then across); returns whether
  * all are finite (x - x is +0 exactly for finite x, NaN for inf and NaN: the OR of their bits
  * is zero iff all are finite). Which zero a {+0, -0} minimum returns depends on the lanes (as
@@ -163,22 +186,12 @@ Q_INLINE int group_range(const float *buf, int64_t m, float *mn_out, float *mx_o
     min_max_step(&mn1, &mn0, &mx0); /* mn0 = lanewise min of both sets; mx0 likewise */
     min_max_step(&mx1, &mn0, &mx0);
     nf0 |= nf1;
-    float mn = buf[0], mx = buf[0];
-    int32_t nf = 0;
-    for (int t = 0; t < 16; t++) {
-        mn = mn0[t] < mn ? mn0[t] : mn;
-        mx = mx0[t] > mx ? mx0[t] : mx;
-        nf |= nf0[t];
-    }
-    for (; k < m; k++) {
-        float v = buf[k];
-        mn = v < mn ? v : mn;
-        mx = v > mx ? v : mx;
-        nf |= !(fabsf(v) <= 3.4028234663852886e38f);
-    }
-    *mn_out = mn;
-    *mx_out = mx;
-    return nf == 0;
+    float mnl[16], mxl[16];
+    int32_t nfl[16];
+    memcpy(mnl, &mn0, sizeof mnl);
+    memcpy(mxl, &mx0, sizeof mxl);
+    memcpy(nfl, &nf0, sizeof nfl);
+    return range_finish(mnl, mxl, nfl, buf, k, m, mn_out, mx_out);
 }
 
 /* code of one element: clamp(floor((x - lo) * inv + u), 0, L), NaN products as 0 (NaN
@@ -250,22 +263,7 @@ Q_T512 static inline int group_range512(const float *buf, int64_t m, float *mn_o
     _mm512_storeu_ps(mnl, mn0);
     _mm512_storeu_ps(mxl, mx0);
     _mm512_storeu_si512(nfl, nf0);
-    float mn = buf[0], mx = buf[0];
-    int32_t nf = 0;
-    for (int t = 0; t < 16; t++) {
-        mn = mnl[t] < mn ? mnl[t] : mn;
-        mx = mxl[t] > mx ? mxl[t] : mx;
-        nf |= nfl[t];
-    }
-    for (; k < m; k++) {
-        float v = buf[k];
-        mn = v < mn ? v : mn;
-        mx = v > mx ? v : mx;
-        nf |= !(fabsf(v) <= 3.4028234663852886e38f);
-    }
-    *mn_out = mn;
-    *mx_out = mx;
-    return nf == 0;
+    return range_finish(mnl, mxl, nfl, buf, k, m, mn_out, mx_out);
 }
 
 /* group_codes with AVX-512: max_ps(t, 0) is t > 0 ? t : 0 (NaN -> 0) and min_ps(t, L) is
