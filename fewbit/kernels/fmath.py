@@ -92,16 +92,10 @@ def silu_fast(x, PRECISE: tl.constexpr, RCP_ERR: tl.constexpr = 0):
 
 
 @triton.jit
-def erf_fast(x):
-    """erf in float32 by the algorithm of CUDA's erff (libdevice ``__nv_erff``), restated.
-
-    |x| < 1.00296: x + x * p(x*x); else sign(x) * (1 - 2**(-|x| - |x| * q(|x|))), p and q of
-    degree 6 evaluated by fused multiply-adds in the same order as erff, so compiled results
-    equal ``tl.erf``'s outside subnormal intermediates (erff flushes them to zero; GELU adds
-    the result to 1, where they vanish). Both polynomials are evaluated with immediate
-    coefficients and the result selected: about 21 instructions per element instead of 27
-    (erff loads each coefficient pair by two predicated moves).
-    """
+def _erf_polys(x):
+    """The two polynomials of erff's float32 algorithm at ``x`` (shared by `erf_fast` and
+    `gelu_fast`): ``|x|``, whether ``|x|`` is in the large range, the small-range polynomial in
+    ``x*x`` and the large-range one in ``|x|`` (immediate coefficients)."""
     a = tl.abs(x)
     big = a >= 1.002959966659546
     t2 = x * x
@@ -117,6 +111,21 @@ def erf_fast(x):
     rl = tl.fma(rl, a, 0.15950430929660797)
     rl = tl.fma(rl, a, 0.9129176735877991)
     rl = tl.fma(rl, a, 0.6290600299835205)
+    return a, big, rs, rl
+
+
+@triton.jit
+def erf_fast(x):
+    """erf in float32 by the algorithm of CUDA's erff (libdevice ``__nv_erff``), restated.
+
+    |x| < 1.00296: x + x * p(x*x); else sign(x) * (1 - 2**(-|x| - |x| * q(|x|))), p and q of
+    degree 6 evaluated by fused multiply-adds in the same order as erff, so compiled results
+    equal ``tl.erf``'s outside subnormal intermediates (erff flushes them to zero; GELU adds
+    the result to 1, where they vanish). Both polynomials are evaluated with immediate
+    coefficients and the result selected: about 21 instructions per element instead of 27
+    (erff loads each coefficient pair by two predicated moves).
+    """
+    a, big, rs, rl = _erf_polys(x)
     s = tl.where(big, -a, x)
     r = tl.fma(tl.where(big, rl, rs), s, s)
     e = 1.0 - _ex2_approx(r)
@@ -145,21 +154,7 @@ def gelu_fast(x):
     About 21 instructions per element (erf_fast plus torch's three GELU operations: 24).
     """
     z = x * 0.7071067811865476
-    a = tl.abs(z)
-    big = a >= 1.002959966659546
-    t2 = z * z
-    rs = tl.fma(8.483494457323104e-05, t2, -0.0008213091641664505)
-    rs = tl.fma(rs, t2, 0.005213488824665546)
-    rs = tl.fma(rs, t2, -0.026868773624300957)
-    rs = tl.fma(rs, t2, 0.11284004896879196)
-    rs = tl.fma(rs, t2, -0.37612664699554443)
-    rs = tl.fma(rs, t2, 0.12837915122509003)
-    rl = tl.fma(0.00011219871521461755, a, -0.0013275252422317863)
-    rl = tl.fma(rl, a, 0.00839653518050909)
-    rl = tl.fma(rl, a, -0.04024658352136612)
-    rl = tl.fma(rl, a, 0.15950430929660797)
-    rl = tl.fma(rl, a, 0.9129176735877991)
-    rl = tl.fma(rl, a, 0.6290600299835205)
+    a, big, rs, rl = _erf_polys(z)
     # rn = -|erf(z)| (small |z|) or log2(1 - |erf(z)|): negated in the fma, for free
     rn = tl.fma(tl.where(big, rl, rs), -a, -a)
     wn = tl.where(big, _ex2_approx(rn) - 1.0, rn)  # -|erf(z)|
