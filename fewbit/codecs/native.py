@@ -36,7 +36,9 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["library", "native_enabled", "uses_openmp", "SOURCES"]
+import torch
+
+__all__ = ["library", "native_enabled", "uses_openmp", "fresh_buffer", "SOURCES"]
 
 CSRC = Path(__file__).with_name("csrc")
 # Compiled together into one library; headers in CSRC are part of the cache key.
@@ -100,6 +102,15 @@ for _name in ("f32", "f64", "bf16", "f16"):
 # maxpool.c: idx, n, geometry (int64[18]), bits, packed / packed, n, geometry, bits, idx
 _SIGNATURES["fewbit_maxpool_encode"] = ([_ptr, _i64, _ptr, _i32, _ptr], None)
 _SIGNATURES["fewbit_maxpool_decode"] = ([_ptr, _i64, _ptr, _i32, _ptr], None)
+# quantize.c: pointer, bytes (the transparent huge page hint of fresh_buffer)
+_SIGNATURES["fewbit_advise_hugepages"] = ([_ptr, _i64], None)
+
+# Fresh output buffers from this many bytes get the transparent huge page hint. glibc serves
+# allocations this large (its largest dynamic mmap threshold on 64-bit) from fresh mappings,
+# whose first write faults in every 4 KiB page; smaller ones mostly reuse heap memory that is
+# already mapped, where the hint only costs (measured in a training step: hinting from 4 MiB
+# made the 2-bit generic mode's dequantize 1.2-3.4x slower, with stalls of up to 40 ms).
+HUGE_PAGE_MIN_BYTES = 32 << 20
 
 
 def native_enabled() -> bool:
@@ -198,6 +209,19 @@ def uses_openmp() -> bool:
     """Whether the native library runs its loops on torch's OpenMP threads (False when it is
     serial, disabled or unavailable)."""
     return native_enabled() and _load()[1]
+
+
+def fresh_buffer(lib: ctypes.CDLL, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(numel, dtype=dtype)`` on the CPU for a native pass that writes every
+    element; from ``HUGE_PAGE_MIN_BYTES`` on, the kernel is asked for transparent huge pages
+    on it (``madvise``, a hint: contents and semantics unchanged; Linux only). A fresh 64 MiB
+    buffer takes 16384 page faults at first write, about 15 ms on this project's machine
+    against 7 ms with huge pages and 3 ms for the write itself."""
+    out = torch.empty(numel, dtype=dtype)
+    nbytes = numel * out.element_size()
+    if nbytes >= HUGE_PAGE_MIN_BYTES:
+        lib.fewbit_advise_hugepages(out.data_ptr(), nbytes)
+    return out
 
 
 def library() -> Optional[ctypes.CDLL]:

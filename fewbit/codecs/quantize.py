@@ -63,7 +63,6 @@ Paths (one format, interchangeable: each path dequantizes the others' output)
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
@@ -530,8 +529,6 @@ _OMP_MIN = 1 << 16
 # Flag bits of the C calls' ``flags`` argument (csrc/quantize.c); _FLAG_PORTABLE makes quantize
 # use its portable vector code where AVX-512 intrinsics would run (for tests: same bytes).
 _FLAG_LO_F16, _FLAG_SPLIT, _FLAG_PORTABLE = 1, 2, 4
-# Output buffers from this size get the huge-page hint (see _fresh).
-_HUGE_MIN = 4 << 20
 
 
 def _native_lib(t: Tensor, dtype: torch.dtype) -> Any:
@@ -540,18 +537,6 @@ def _native_lib(t: Tensor, dtype: torch.dtype) -> Any:
     if t.device.type != "cpu" or dtype not in _NATIVE_NAMES or torch.compiler.is_compiling():
         return None
     return native.library()
-
-
-def _fresh(lib: Any, numel: int, dtype: torch.dtype) -> Tensor:
-    """``torch.empty(numel, dtype=dtype)``, from ``_HUGE_MIN`` bytes on with the kernel asked
-    for transparent huge pages (``madvise``; a hint, contents unchanged): the codec writes
-    every byte of a fresh buffer, and 4 KiB page faults then cost more than the codec (64 MiB:
-    about 22 ms against 8 ms with huge pages, 1 thread, loaded machine)."""
-    out = torch.empty(numel, dtype=dtype)
-    nbytes = numel * out.element_size()
-    if nbytes >= _HUGE_MIN:
-        lib.fewbit_advise_hugepages(ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(nbytes))
-    return out
 
 
 def _aligned(rows: int, row_len: int, group_size: int) -> bool:
@@ -586,7 +571,8 @@ def _native_quantize(
     flat = x.reshape(-1).contiguous()
     n_groups = rows * (-(-row_len // group_size)) if row_len else 0
     lo_dtype = _lo_dtype(x.dtype)
-    packed = _fresh(lib, packed_nbytes(rows * row_len, bits), torch.uint8)  # C sets every byte
+    # the C code sets every byte
+    packed = native.fresh_buffer(lib, packed_nbytes(rows * row_len, bits), torch.uint8)
     lo = torch.empty(n_groups, dtype=lo_dtype)
     scale = torch.empty(n_groups, dtype=torch.bfloat16)
     if n_groups == 0:
@@ -616,7 +602,7 @@ def _native_dequantize(
         return None
     rows, row_len = _rows(shape, per_sample)
     n_groups = rows * (-(-row_len // group_size)) if row_len else 0
-    out = _fresh(lib, rows * row_len, dtype).view(tuple(shape))
+    out = native.fresh_buffer(lib, rows * row_len, dtype).view(tuple(shape))
     if n_groups == 0:
         return out
     if packed.numel() < packed_nbytes(rows * row_len, bits) or lo.numel() < n_groups:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import functools
 import math
 from dataclasses import dataclass, field
@@ -474,8 +473,7 @@ def _native_grad_times_levels(
     """grad * levels[code] into a new flat buffer of n + 1 elements (NaN levels in the scan
     chunks whose slots overflowed, 0 where the level is 0) in one native pass; None (nothing
     done) when the native library does not apply. The buffer is asked for transparent huge
-    pages from 4 MiB on (the pass writes all of it: 4 KiB page faults would cost more than
-    the pass)."""
+    pages when large (:func:`fewbit.codecs.native.fresh_buffer`)."""
     if not (_native_ok(flat) and packed.is_contiguous()) or torch.compiler.is_compiling():
         return None
     lib = native.library()
@@ -483,10 +481,7 @@ def _native_grad_times_levels(
         return None
     decode = getattr(lib, _NATIVE_DECODE[flat.dtype])
     n, bits = flat.numel(), spec.bits
-    out = torch.empty(n + 1, dtype=flat.dtype)
-    nbytes = out.numel() * out.element_size()
-    if nbytes >= _HUGE_MIN and hasattr(lib, "fewbit_advise_hugepages"):
-        lib.fewbit_advise_hugepages(ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(nbytes))
+    out = native.fresh_buffer(lib, n + 1, flat.dtype)
     zero_exact = int(0.0 in spec.levels)
     scan = _chunks(n, chunk)
     poisoned = _overflow(side, n, chunk).tolist() if _any_nonfinite(side, n, chunk) else None
@@ -520,10 +515,6 @@ def _any_nonfinite(side: Tensor, n: int, chunk: int) -> bool:
     """Whether the side store counts any non-finite input (a host read: CPU side stores)."""
     _, counts = _split_side(side, n, chunk)
     return bool(counts.any())
-
-
-# Fresh native output buffers from this many bytes get the transparent huge page hint.
-_HUGE_MIN = 4 << 20
 
 
 # Elements per OpenMP thread below which a native pass runs in the calling thread alone. The

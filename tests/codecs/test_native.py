@@ -354,3 +354,34 @@ def test_decode_rounds_every_16_bit_gradient_as_torch(
     got = fn._grad_times_levels(grad, packed, side, CHUNK, spec)[:n]
     want = _eager(monkeypatch, lambda: fn._grad_times_levels(grad, packed, side, CHUNK, spec))
     assert _same_bits(got, want[:n])
+
+
+class _HintRecorder:
+    """Stands in for the native library: records fewbit_advise_hugepages calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def fewbit_advise_hugepages(self, ptr: int, nbytes: int) -> None:
+        self.calls.append((ptr, nbytes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_fresh_buffer_hints_huge_pages_only_from_the_threshold(dtype: torch.dtype) -> None:
+    size = torch.empty(0, dtype=dtype).element_size()
+    limit = native.HUGE_PAGE_MIN_BYTES // size
+    for numel, hinted in ((limit - 1, False), (limit, True), (17, False)):
+        lib = _HintRecorder()
+        out = native.fresh_buffer(lib, numel, dtype)  # type: ignore[arg-type]
+        assert out.shape == (numel,) and out.dtype == dtype and out.device.type == "cpu"
+        expected = [(out.data_ptr(), numel * size)] if hinted else []
+        assert lib.calls == expected
+
+
+def test_fresh_buffer_through_the_library_is_writable() -> None:
+    lib = native.library()
+    if lib is None:
+        pytest.skip("no native library (no C compiler)")
+    out = native.fresh_buffer(lib, native.HUGE_PAGE_MIN_BYTES // 4 + 5, torch.float32)
+    out.fill_(2.5)  # the hint changes no contents or semantics: every element writable
+    assert bool((out == 2.5).all())
