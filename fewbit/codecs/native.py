@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["library", "native_enabled", "uses_openmp", "fresh_buffer", "SOURCES"]
+__all__ = ["library", "native_enabled", "uses_openmp", "fresh_buffer", "direct_call_ok", "SOURCES"]
 
 CSRC = Path(__file__).with_name("csrc")
 # Compiled together into one library; headers in CSRC are part of the cache key.
@@ -209,6 +209,20 @@ def uses_openmp() -> bool:
     """Whether the native library runs its loops on torch's OpenMP threads (False when it is
     serial, disabled or unavailable)."""
     return native_enabled() and _load()[1]
+
+
+def direct_call_ok(*tensors: torch.Tensor) -> bool:
+    """Whether a codec's custom op may be skipped for its implementation on these tensors:
+    plain CPU tensors (no subclass: no fake, functional or distributed tensor), outside
+    ``torch.compile`` tracing and with no torch function or dispatch mode active. Then the
+    dispatcher would only reach the CPU implementation, at about 35 us per call (measured:
+    150 calls per training step in the generic 2-bit mode)."""
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+        and all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+    )
 
 
 def fresh_buffer(lib: ctypes.CDLL, numel: int, dtype: torch.dtype) -> torch.Tensor:

@@ -81,8 +81,10 @@ __all__ = [
     "check_quant_bits",
     "check_group_size",
     "dequantize",
+    "dequantize_parts",
     "draw_seed",
     "quantize",
+    "quantize_parts",
     "quantized_nbytes",
 ]
 
@@ -307,6 +309,21 @@ def _mix32_wide(h: Tensor) -> Tensor:
 def _seed_key(seed: Tensor) -> Tensor:
     """32-bit noise key (int64 tensor in ``[0, 2**32)``) of a 62-bit seed; no sync."""
     return _mix32_wide(((seed >> 32) ^ _mix32_wide(seed & _M32)) & _M32)
+
+
+def _mix32_int(h: int) -> int:
+    """:func:`_mix32` of one 32-bit word as a Python int (same function)."""
+    h ^= h >> 16
+    h = (h * _MIX1) & _M32
+    h ^= h >> 15
+    h = (h * (_MIX2 & _M32)) & _M32
+    return h ^ (h >> 16)
+
+
+def _seed_key_int(seed: int) -> int:
+    """:func:`_seed_key` of a seed held as a Python int (the native path: a CPU seed is read
+    once; a dozen one-element tensor operations cost about 50 us per call)."""
+    return _mix32_int(((seed >> 32) ^ _mix32_int(seed & _M32)) & _M32)
 
 
 def _block_key(key: Tensor, e0: int) -> Tensor:
@@ -556,10 +573,10 @@ def _split_flag(rows: int, row_len: int, group_size: int) -> int:
 
 
 def _native_quantize(
-    x: Tensor, key: Tensor, bits: int, group_size: int, per_sample: bool, portable: bool = False
+    x: Tensor, key: int, bits: int, group_size: int, per_sample: bool, portable: bool = False
 ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     """(packed, lo, scale) of CPU ``x`` in one native pass per group, the same bytes as the
-    torch path (same noise: ``key`` is :func:`_seed_key` of the seed); None when the native
+    torch path (same noise: ``key`` is :func:`_seed_key_int` of the seed); None when the native
     library does not apply. Transient memory: none beyond the outputs. ``portable``: the
     C code's portable vector path even where its AVX-512 path would run (tests)."""
     if bits not in QUANT_BITS or not 1 <= group_size <= MAX_GROUP_SIZE:
@@ -578,12 +595,11 @@ def _native_quantize(
     if n_groups == 0:
         return packed, lo, scale
     fn = getattr(lib, f"fewbit_quantize_{_NATIVE_NAMES[x.dtype]}")
-    k = int(key.item()) & _M32
     lo_f16 = _FLAG_LO_F16 if lo_dtype == torch.float16 else 0
     xp, pp, lp, sp = flat.data_ptr(), packed.data_ptr(), lo.data_ptr(), scale.data_ptr()
 
     flags = lo_f16 | _split_flag(rows, row_len, group_size) | (_FLAG_PORTABLE if portable else 0)
-    fn(xp, row_len, group_size, 0, n_groups, k, bits, flags, pp, lp, sp)
+    fn(xp, row_len, group_size, 0, n_groups, key & _M32, bits, flags, pp, lp, sp)
     return packed, lo, scale
 
 
@@ -636,11 +652,21 @@ def _quantize_op(
     x: Tensor, seed: Tensor, bits: int, group_size: int, per_sample: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(packed, lo, scale) of ``x``: Triton kernel on CUDA (policy), else the torch path."""
+    return _quantize_impl(x, seed, bits, group_size, per_sample)
+
+
+def _quantize_impl(
+    x: Tensor, seed: Tensor, bits: int, group_size: int, per_sample: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The body of ``fewbit::quantize`` (:func:`quantize` calls it directly where
+    :func:`fewbit.codecs.native.direct_call_ok`)."""
     kq = _kernel_quantizer(x, group_size, per_sample)
     if kq is not None:
         q = kq.quantize(x, bits, group_size, per_sample=per_sample, seed=seed)
         return q.packed, q.lo, q.scale
-    got = _native_quantize(x, _seed_key(seed), bits, group_size, per_sample)
+    got = None
+    if seed.device.type == "cpu":  # the native path's key, read on the host
+        got = _native_quantize(x, _seed_key_int(int(seed.item())), bits, group_size, per_sample)
     if got is not None:
         return got
     return _torch_quantize(x, seed, bits, group_size, per_sample)
@@ -663,6 +689,15 @@ def _dequantize_op(
     bits: int, group_size: int, per_sample: bool,
 ) -> Tensor:  # fmt: skip
     """Contiguous ``lo + code * scale`` of ``shape``/``dtype``: kernel or torch path."""
+    return _dequantize_impl(packed, lo, scale, shape, dtype, bits, group_size, per_sample)
+
+
+def _dequantize_impl(
+    packed: Tensor, lo: Tensor, scale: Tensor, shape: Sequence[int], dtype: torch.dtype,
+    bits: int, group_size: int, per_sample: bool,
+) -> Tensor:  # fmt: skip
+    """The body of ``fewbit::dequantize`` (:func:`dequantize` calls it directly where
+    :func:`fewbit.codecs.native.direct_call_ok`)."""
     from ..kernels.policy import use_kernel
 
     if dtype in _KERNEL_DTYPES and use_kernel(packed):
@@ -687,6 +722,30 @@ def _dequantize_fake(
 
 
 # ----------------------------------------------------------------------------- public API
+def quantize_parts(
+    x: Tensor, seed: Tensor, bits: int, group_size: int, per_sample: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(packed, lo, scale)`` of ``x`` (not checked: :func:`quantize` validates) with the noise
+    of ``seed``: the custom op ``fewbit::quantize``, or its implementation called directly
+    for plain CPU tensors outside tracing (:func:`fewbit.codecs.native.direct_call_ok`: the
+    dispatcher costs about 35 us a call; same results)."""
+    if native.direct_call_ok(x, seed):
+        return _quantize_impl(x, seed, bits, group_size, per_sample)
+    return torch.ops.fewbit.quantize(x, seed, bits, group_size, per_sample)
+
+
+def dequantize_parts(
+    packed: Tensor, lo: Tensor, scale: Tensor, shape: Sequence[int], dtype: torch.dtype,
+    bits: int, group_size: int, per_sample: bool,
+) -> Tensor:  # fmt: skip
+    """Contiguous ``lo + code * scale`` of ``shape`` and ``dtype``: the custom op
+    ``fewbit::dequantize``, or its implementation directly (as :func:`quantize_parts`)."""
+    args = (packed, lo, scale, list(shape), dtype, bits, group_size, per_sample)
+    if native.direct_call_ok(packed, lo, scale):
+        return _dequantize_impl(*args)
+    return torch.ops.fewbit.dequantize(*args)
+
+
 def quantize(
     x: Tensor,
     bits: int,
@@ -701,10 +760,12 @@ def quantize(
     docstring for the layout). The rounding noise is keyed by a seed drawn from ``generator``
     when given (the global RNG is then untouched), else from the global RNG of ``x``'s device
     (:func:`draw_seed`; no host sync). On CUDA the Triton kernel runs when
-    :func:`fewbit.kernels.use_kernel` says so and the layout allows it (same format, Philox
-    noise); elsewhere the PyTorch path (counter-hash noise, see :func:`_uniform`).
-    Traceable by ``torch.compile`` (custom op ``fewbit::quantize`` with a fake
-    implementation); with a ``generator`` the seed draw breaks the graph.
+    :func:`fewbit.kernels.use_kernel` says so and the layout allows it; on the CPU the
+    native C pass, else the PyTorch path (same format and noise everywhere: the counter hash
+    of :func:`_uniform`). Traceable by ``torch.compile`` (custom op ``fewbit::quantize``
+    with a fake implementation); with a ``generator`` the seed draw breaks the graph. Plain
+    CPU tensors outside tracing and dispatch modes skip the dispatcher
+    (:func:`fewbit.codecs.native.direct_call_ok`; same results).
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
@@ -715,7 +776,8 @@ def quantize(
     if generator is not None and generator.device.type != x.device.type:
         raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
     seed = _seed_for(generator, x.device)
-    packed, lo, scale = torch.ops.fewbit.quantize(x.detach(), seed, bits, group_size, per_sample)
+    x = x.detach()
+    packed, lo, scale = quantize_parts(x, seed, bits, group_size, per_sample)
     return QuantizedTensor(
         packed, lo, scale, x.shape, x.dtype, bits, group_size, per_sample, saved_stride(x)
     )
@@ -739,7 +801,7 @@ def dequantize(q: QuantizedTensor) -> Tensor:
     Laid out with ``q.stride`` when it was saved non-contiguous (see
     :func:`fewbit.codecs.protocol.restride`).
     """
-    out = torch.ops.fewbit.dequantize(
-        q.packed, q.lo, q.scale, list(q.shape), q.dtype, q.bits, q.group_size, q.per_sample
+    out = dequantize_parts(
+        q.packed, q.lo, q.scale, q.shape, q.dtype, q.bits, q.group_size, q.per_sample
     )
     return restride(out, q.stride)

@@ -65,7 +65,14 @@ from torch import Tensor, nn
 
 from ..codecs.marks import is_compact
 from ..codecs.protocol import stored_nbytes
-from ..codecs.quantize import QuantizedTensor, check_group_size, check_quant_bits, draw_seed
+from ..codecs.quantize import (
+    QuantizedTensor,
+    check_group_size,
+    check_quant_bits,
+    dequantize_parts,
+    draw_seed,
+    quantize_parts,
+)
 from ..compress import SavedTensorCompressor, observe_saved, report_saved
 from ..functional import pooling as FP
 from ..functional.dropout import dropout
@@ -446,7 +453,7 @@ def _quantize_saved(ctx: Any, x: Tensor, bits: int, group_size: int) -> tuple[Te
     x = x.detach().contiguous()
     seed = draw_seed(None, x.device)
     ctx.qmeta = (tuple(x.shape), x.dtype, bits, group_size)
-    return torch.ops.fewbit.quantize(x, seed, bits, group_size, True)
+    return quantize_parts(x, seed, bits, group_size, True)
 
 
 def _probe_grad(ctx: Any, grad: Tensor, scale: Tensor, index: int) -> Optional[Tensor]:
@@ -459,8 +466,7 @@ def _probe_grad(ctx: Any, grad: Tensor, scale: Tensor, index: int) -> Optional[T
 
 def _dequantize_saved(ctx: Any, packed: Tensor, lo: Tensor, scale: Tensor) -> Tensor:
     shape, dtype, bits, group_size = ctx.qmeta
-    args = (list(shape), dtype, bits, group_size, True)
-    return torch.ops.fewbit.dequantize(packed, lo, scale, *args)
+    return dequantize_parts(packed, lo, scale, shape, dtype, bits, group_size, True)
 
 
 class _TracedQuantLayerNorm(torch.autograd.Function):

@@ -325,3 +325,42 @@ def test_meta_tensors_propagate_shapes() -> None:
     assert q.packed.shape == (5 * 64 * 4 // 8,) and q.lo.shape == (10,)
     y = dequantize(q)
     assert y.device.type == "meta" and y.shape == x.shape and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_call_equals_the_custom_op(dtype: torch.dtype) -> None:
+    """quantize/dequantize skip the dispatcher for plain CPU tensors: the bytes and values
+    are those of the custom ops on the same seed."""
+    from fewbit.codecs import native
+    from fewbit.codecs import quantize as qmod
+
+    x = torch.randn(7, 300, generator=torch.Generator().manual_seed(3)).to(dtype)
+    seed = torch.tensor([0x5EED5EED1234], dtype=torch.int64)
+    assert native.direct_call_ok(x, seed)
+    direct = qmod._quantize_impl(x, seed, 2, 64, True)
+    via_op = torch.ops.fewbit.quantize(x, seed, 2, 64, True)
+    assert all(torch.equal(a, b) for a, b in zip(direct, via_op))
+    args = (*direct, [7, 300], dtype, 2, 64, True)
+    assert torch.equal(qmod._dequantize_impl(*args), torch.ops.fewbit.dequantize(*args))
+    torch.manual_seed(11)
+    q = quantize(x, 2, 64)
+    torch.manual_seed(11)
+    want = torch.ops.fewbit.quantize(x, qmod.draw_seed(None, "cpu"), 2, 64, True)
+    assert torch.equal(q.packed, want[0]) and torch.equal(dequantize(q), dequantize(q))
+
+
+def test_dispatch_modes_and_subclasses_take_the_custom_op() -> None:
+    """Under a dispatch mode (fake tensors) or for tensor subclasses the codec goes through its
+    custom op (the fake implementation gives shapes; no data pointer is touched)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fewbit.codecs import native
+
+    with FakeTensorMode():
+        x = torch.empty(4, 256)
+        assert not native.direct_call_ok(x)
+        q = quantize(x, 2)
+        y = dequantize(q)
+    assert q.packed.shape == (4 * 256 * 2 // 8,) and y.shape == (4, 256)
+    assert not native.direct_call_ok(torch.nn.Parameter(torch.randn(3)))
+    assert not native.direct_call_ok(torch.randn(3, device="meta"))

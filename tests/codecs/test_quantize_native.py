@@ -15,6 +15,18 @@ from fewbit.codecs import quantize as qmod
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SEED = torch.tensor([0x0123456789ABCDE], dtype=torch.int64)
+KEY = qmod._seed_key_int(int(SEED.item()))
+
+
+def test_seed_key_of_a_python_int_equals_the_tensor_version() -> None:
+    """The native path hashes the seed as a Python int: the same key as the torch and
+    Triton paths' tensor hash, for edge seeds and random ones over the whole 62-bit range."""
+    gen = torch.Generator().manual_seed(5)
+    edges = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**62 - 1, 0x0123456789ABCDE]
+    drawn = torch.randint(0, 2**62, (500,), generator=gen, dtype=torch.int64).tolist()
+    for seed in edges + drawn:
+        want = int(qmod._seed_key(torch.tensor([seed], dtype=torch.int64)).item())
+        assert qmod._seed_key_int(seed) == want, seed
 # (shape, group_size): whole groups, partial last groups per row, a row shorter than a group,
 # odd sizes, 1-D tensors and groups of one element; groups whose start is a whole byte at
 # some bit widths only (vector and scalar pack/unpack in one tensor)
@@ -94,13 +106,13 @@ def test_native_gives_the_eager_bytes_and_values(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     x = _special(shape, dtype, group_size)
-    got = qmod._native_quantize(x, qmod._seed_key(SEED), bits, group_size, per_sample)
+    got = qmod._native_quantize(x, KEY, bits, group_size, per_sample)
     assert got is not None
     want = _eager_quantize(x, bits, group_size, per_sample, monkeypatch)
     for a, b in zip(got, want):  # packed, lo, scale: every bit, NaN patterns included
         assert a.dtype == b.dtype and torch.equal(_bits_of(a), _bits_of(b))
     # the portable vector code (run where AVX-512 is missing) writes the same bytes
-    portable = qmod._native_quantize(x, qmod._seed_key(SEED), bits, group_size, per_sample, True)
+    portable = qmod._native_quantize(x, KEY, bits, group_size, per_sample, True)
     assert portable is not None
     for a, b in zip(portable, want):
         assert torch.equal(_bits_of(a), _bits_of(b))
@@ -143,7 +155,7 @@ def test_public_api_runs_native_with_the_eager_result(monkeypatch: pytest.Monkey
 def test_empty_and_tiny_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     for shape in [(0,), (0, 5), (1,), (3,), (2, 1)]:
         x = torch.randn(shape)
-        got = qmod._native_quantize(x, qmod._seed_key(SEED), 4, 256, True)
+        got = qmod._native_quantize(x, KEY, 4, 256, True)
         assert got is not None
         want = _eager_quantize(x, 4, 256, True, monkeypatch)
         for a, b in zip(got, want):
@@ -164,7 +176,7 @@ def test_missing_compiler_warns_once_and_falls_back(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert qmod._native_quantize(x, qmod._seed_key(SEED), 2, 256, True) is None
+            assert qmod._native_quantize(x, KEY, 2, 256, True) is None
             monkeypatch.delenv("FEWBIT_COMPILE")
             packed, lo, scale = torch.ops.fewbit.quantize(x, SEED, 2, 256, True)
             y = torch.ops.fewbit.dequantize(packed, lo, scale, [3, 1001], x.dtype, 2, 256, True)
