@@ -7,7 +7,8 @@ Rows (16M elements by default, float32 and bfloat16; CPU unless ``--device cuda`
 * ``quantize+dequantize b2``: ``fewbit.codecs.quantize.quantize(x, 2)`` then ``dequantize``;
   its effective bandwidth (bytes read + written by both passes: x, the 2-bit codes and the
   per-group lo/scale, twice) against a measured copy (``dst.copy_(src)`` of 256 MiB: bytes
-  read + written). Goal: >= 50% of copy.
+  read + written). Goal: >= 50% of copy. Next to it, without a goal, torch's own ``clone``
+  (a copy into a fresh tensor) on the same scale: what a fresh output costs on this machine.
 * ``transient gelu3 fwd``: peak bytes allocated while ``fewbit.functional.gelu`` runs forward
   (with grad) minus what autograd keeps saved for backward when it returns (the stored 3-bit
   code: the memory the op exists to keep, 0.375 bytes per element), against torch's GELU
@@ -145,6 +146,17 @@ def quant_row(n: int, dtype: torch.dtype, device: torch.device, reps: int, copy:
                f">= {GOALS['quant']:.0%} of copy", ratio >= GOALS["quant"])  # fmt: skip
 
 
+def clone_row(n: int, dtype: torch.dtype, device: torch.device, reps: int, copy: float) -> Row:
+    """Reference, no goal: torch's ``x.clone()`` (a copy into a fresh tensor, as dequantize
+    must return) as a fraction of the copy bandwidth. On the CPU a fresh buffer this large
+    is a new mapping whose first write faults in every page: the cost every op with a fresh
+    output pays, which the preallocated copy does not."""
+    x = torch.randn(n // 4096, 4096, device=device).to(dtype)
+    gbs = 2 * x.element_size() * x.numel() / median_s(x.clone, device, reps) / 1e9
+    return Row("torch clone (reference)", _name(dtype), gbs, copy, "GB/s", gbs / copy,
+               "no goal: a fresh output's cost", True)  # fmt: skip
+
+
 def transient_row(n: int, dtype: torch.dtype, device: torch.device) -> Row:
     """Peak of a few-bit GELU forward (with grad) less what it keeps saved for backward,
     against torch's GELU forward peak."""
@@ -188,6 +200,7 @@ def run(n: int, reps: int, device: str) -> tuple[list[Row], str]:
         rows.append(gelu_row(n, dtype, dev, reps))
     for dtype in (torch.float32, torch.bfloat16):
         rows.append(quant_row(n, dtype, dev, reps, copy))
+        rows.append(clone_row(n, dtype, dev, reps, copy))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         rows.append(transient_row(n, dtype, dev))
     return rows, header

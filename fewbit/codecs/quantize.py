@@ -38,8 +38,8 @@ are unaffected.
 Paths (one format, interchangeable: each path dequantizes the others' output)
 ------------------------------------------------------------------------------
 * CUDA, when :func:`fewbit.kernels.use_kernel` says so and the layout allows it
-  (:func:`fewbit.kernels.quantize.supports`): the Triton kernels, one pass each way; noise
-  from Philox keyed by the seed.
+  (:func:`fewbit.kernels.quantize.supports`): the Triton kernels, one pass each way; the
+  same noise as below (same seed, same bytes).
 * CPU, float16/bfloat16/float32/float64: the native C passes (:mod:`fewbit.codecs.native`,
   compiled at first use; ``FEWBIT_NATIVE=0`` or ``FEWBIT_COMPILE=0`` or no C compiler: the
   torch path below), one pass per direction over each group, no transient memory beyond the
@@ -544,7 +544,8 @@ _NATIVE_NAMES = {
 # when the native library is built with OpenMP (fewbit.codecs.native.uses_openmp); else serial.
 _OMP_MIN = 1 << 16
 # Flag bits of the C calls' ``flags`` argument (csrc/quantize.c); _FLAG_PORTABLE makes quantize
-# use its portable vector code where AVX-512 intrinsics would run (for tests: same bytes).
+# and bfloat16 dequantize use their portable vector code where AVX-512 (BF16) instructions
+# would run (for tests: same bytes).
 _FLAG_LO_F16, _FLAG_SPLIT, _FLAG_PORTABLE = 1, 2, 4
 
 
@@ -605,10 +606,11 @@ def _native_quantize(
 
 def _native_dequantize(
     packed: Tensor, lo: Tensor, scale: Tensor, shape: Sequence[int], dtype: torch.dtype,
-    bits: int, group_size: int, per_sample: bool,
+    bits: int, group_size: int, per_sample: bool, portable: bool = False,
 ) -> Optional[Tensor]:  # fmt: skip
     """``lo + code * scale`` (contiguous, ``dtype``) in one native pass, bitwise equal to
-    the torch path; None when the native library does not apply."""
+    the torch path; None when the native library does not apply. ``portable``: the C code's
+    portable vector path even where its AVX512-BF16 path would run (tests)."""
     if lo.dtype not in (torch.float16, torch.bfloat16) or bits not in QUANT_BITS:
         return None
     if not 1 <= group_size <= MAX_GROUP_SIZE:
@@ -630,7 +632,7 @@ def _native_dequantize(
     lo_f16 = _FLAG_LO_F16 if lo.dtype == torch.float16 else 0
     pp, lp, sp, op = packed.data_ptr(), lo.data_ptr(), scale.data_ptr(), out.data_ptr()
 
-    flags = lo_f16 | _split_flag(rows, row_len, group_size)
+    flags = lo_f16 | _split_flag(rows, row_len, group_size) | (_FLAG_PORTABLE if portable else 0)
     fn(pp, row_len, group_size, 0, n_groups, bits, lp, flags, sp, op)
     return out
 

@@ -66,8 +66,8 @@ def _bits_of(t: Tensor) -> Tensor:
 
 def _special(shape: tuple[int, ...], dtype: torch.dtype, group_size: int) -> Tensor:
     """Rows of different scales plus a NaN group, an inf group, a -inf group, a constant group,
-    an all-zero group, a group of subnormal float32 values and (float64) a group beyond the
-    float32 range."""
+    an all-zero group, a group of subnormal float32 values, a group across the smallest
+    normal float32 values and (float64) a group beyond the float32 range."""
     gen = torch.Generator().manual_seed(hash((shape, group_size)) % 2**31)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
     x = x * torch.logspace(-3, 3, shape[0], dtype=torch.float64).view(-1, *[1] * (len(shape) - 1))
@@ -76,6 +76,13 @@ def _special(shape: tuple[int, ...], dtype: torch.dtype, group_size: int) -> Ten
     # a range below 2**-126 (the smallest scale), unless a special group below takes its place
     t = int(0.6 * n) // group_size * group_size
     flat[t : t + group_size] = torch.linspace(0.0, 2.0**-130, group_size, dtype=torch.float64)
+    # around the smallest normal float32: decoded values lo + code * scale can be subnormal
+    # (before the single special values below, which win where they fall in this group; not
+    # in float16, where these values are zeros of both signs: see the module docstring)
+    s = int(0.2 * n) // group_size * group_size
+    if dtype != torch.float16:
+        tiny = torch.linspace(-1.5e-38, 1.4e-38, group_size, dtype=torch.float64)
+        flat[s : s + group_size] = tiny
     for pos, value in ((0.1, float("nan")), (0.3, float("inf")), (0.5, float("-inf"))):
         flat[int(pos * n)] = value
     c = int(0.7 * n) // group_size * group_size
@@ -125,6 +132,9 @@ def test_native_gives_the_eager_bytes_and_values(
     assert y.dtype == dtype and y.shape == y0.shape
     assert torch.equal(_bits_of(y), _bits_of(y0))
     assert y.isnan().any()  # the NaN group decodes to NaN: the comparison covered it
+    # the portable vector code (where AVX512-BF16 is missing) decodes to the same bits
+    y1 = qmod._native_dequantize(*want, *args, portable=True)
+    assert y1 is not None and torch.equal(_bits_of(y1), _bits_of(y0))
 
 
 def test_public_api_runs_native_with_the_eager_result(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -349,15 +349,15 @@ Q_INLINE void group_meta(int bad, float mn, float mx, float L, int lo_f16, uint1
 
 /* ---- calls: groups [g0, g1), element e0 of group g = row * row_len + col * gs ----
  *
- * flags: bit 0 = lo is float16 (else bfloat16); bit 2 = quantize with the portable vector
- * code even on AVX-512 machines (tests compare both); bit 1 = the caller allows splitting the
+ * flags: bit 0 = lo is float16 (else bfloat16); bit 2 = quantize (and bfloat16 dequantize)
+ * with the portable vector code even on AVX-512 machines (tests compare both); bit 1 = the caller allows splitting the
  * groups across OpenMP threads (torch's pool when the library is built with -fopenmp): it
  * sets it only when every group starts on a multiple of 8 elements (no two threads share a
  * packed byte). Each thread takes one contiguous run of groups; results do not depend on the
  * split. */
 #define Q_LO_F16 1
 #define Q_SPLIT 2
-#define Q_PORTABLE 4 /* quantize: the vector-extension code even where AVX-512 is present */
+#define Q_PORTABLE 4 /* the vector-extension code even where AVX-512 (BF16) code is present */
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -547,38 +547,101 @@ static inline double f32_to_f64(float v) { return (double)v; }
 STORE_VIA_BUF(store_f16, uint16_t, f32_to_f16)
 STORE_VIA_BUF(store_f64, double, f32_to_f64)
 
-/* out = lo + code * scale (float32, the product exact), rounded to the output dtype;
- * groups [g0, g1). */
-#define DEQUANT_FN(NAME, T, STORER)                                                          \
-    Q_CLONES static void NAME##_run(const uint8_t *packed, int64_t row_len, int64_t gs,      \
-                                    int64_t g0, int64_t g1, int bits, const uint16_t *lo,    \
-                                    int lo_f16, const uint16_t *scale, T *out) {             \
-        int64_t gpr = (row_len + gs - 1) / gs;                                               \
-        for (int64_t g = g0; g < g1; g++) {                                                  \
-            int64_t r = g / gpr, c = g % gpr;                                                \
-            int64_t e0 = r * row_len + c * gs;                                               \
-            int m = (int)(row_len - c * gs < gs ? row_len - c * gs : gs);                    \
-            float lo32 = lo_f16 ? f16_to_f32(lo[g]) : bf16_to_f32(lo[g]);                    \
-            float s32 = bf16_to_f32(scale[g]);                                               \
-            switch (bits) { /* constant bit width in each inlined copy */                    \
-                case 1: STORER(out + e0, packed, e0, m, 1, lo32, s32); break;                \
-                case 2: STORER(out + e0, packed, e0, m, 2, lo32, s32); break;                \
-                case 4: STORER(out + e0, packed, e0, m, 4, lo32, s32); break;                \
-                default: STORER(out + e0, packed, e0, m, 8, lo32, s32); break;               \
-            }                                                                                \
+/* the group loop of a dequantize run over groups [g0, g1): out = lo + code * scale (float32,
+ * the product exact), rounded to the output type by STORER */
+#define DEQUANT_GROUPS(STORER)                                                               \
+    int64_t gpr = (row_len + gs - 1) / gs;                                                   \
+    for (int64_t g = g0; g < g1; g++) {                                                      \
+        int64_t r = g / gpr, c = g % gpr;                                                    \
+        int64_t e0 = r * row_len + c * gs;                                                   \
+        int m = (int)(row_len - c * gs < gs ? row_len - c * gs : gs);                        \
+        float lo32 = lo_f16 ? f16_to_f32(lo[g]) : bf16_to_f32(lo[g]);                        \
+        float s32 = bf16_to_f32(scale[g]);                                                   \
+        switch (bits) { /* constant bit width in each inlined copy */                        \
+            case 1: STORER(out + e0, packed, e0, m, 1, lo32, s32); break;                    \
+            case 2: STORER(out + e0, packed, e0, m, 2, lo32, s32); break;                    \
+            case 4: STORER(out + e0, packed, e0, m, 4, lo32, s32); break;                    \
+            default: STORER(out + e0, packed, e0, m, 8, lo32, s32); break;                   \
         }                                                                                    \
-    }                                                                                        \
+    }
+
+#define DEQUANT_ARGS(T)                                                                      \
+    const uint8_t *packed, int64_t row_len, int64_t gs, int64_t g0, int64_t g1, int bits,    \
+        const uint16_t *lo, int lo_f16, const uint16_t *scale, T *out
+
+/* the exported call: groups [g0, g1), split across OpenMP threads when flags allow, with the
+ * run function PICK(flags) returns */
+#define DEQUANT_EXPORT(NAME, T, PICK)                                                        \
     void NAME(const uint8_t *packed, int64_t row_len, int64_t gs, int64_t g0, int64_t g1,    \
               int bits, const uint16_t *lo, int flags, const uint16_t *scale, T *out) {      \
         int lo_f16 = flags & Q_LO_F16;                                                       \
-        Q_FOR_RUNS(flags, g0, g1,                                                            \
-                   NAME##_run(packed, row_len, gs, a_, b_, bits, lo, lo_f16, scale, out));   \
+        void (*run)(DEQUANT_ARGS(T)) = PICK(flags);                                          \
+        Q_FOR_RUNS(flags, g0, g1, run(packed, row_len, gs, a_, b_, bits, lo, lo_f16, scale, out)); \
     }
+
+#define DEQUANT_FN(NAME, T, STORER)                                                          \
+    Q_CLONES static void NAME##_run(DEQUANT_ARGS(T)) { DEQUANT_GROUPS(STORER) }              \
+    typedef void (*NAME##_fn)(DEQUANT_ARGS(T));                                              \
+    static NAME##_fn NAME##_pick(int flags) {                                                \
+        (void)flags;                                                                         \
+        return NAME##_run;                                                                   \
+    }                                                                                        \
+    DEQUANT_EXPORT(NAME, T, NAME##_pick)
 
 DEQUANT_FN(fewbit_dequantize_f32, float, store_f32)
 DEQUANT_FN(fewbit_dequantize_f64, double, store_f64)
-DEQUANT_FN(fewbit_dequantize_bf16, uint16_t, store_bf16)
 DEQUANT_FN(fewbit_dequantize_f16, uint16_t, store_f16)
+
+/* bfloat16 output: where the CPU has AVX512-BF16, groups whose values are all finite and
+ * zero or normal round with its conversion instruction (round to nearest even, as
+ * f32_to_bf16; it reads float32 subnormals as zero, so other groups keep the vector code).
+ * A group qualifies when lo and scale are finite, each 0 or at least 2^-100 in magnitude:
+ * lo + code * scale is then 0 or a multiple of an ulp of at least 2^-115, never subnormal. */
+#if Q_HAVE_512 && defined(__GNUC__) && __GNUC__ >= 10
+#define Q_TBF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+static inline int bf16_hw_group(float lo32, float s32) {
+    float a = fabsf(lo32);
+    return (a == 0.0f || (a >= 0x1p-100f && a <= 3.4028234663852886e38f)) &&
+           (s32 == 0.0f || (s32 >= 0x1p-100f && s32 <= 3.4028234663852886e38f));
+}
+
+Q_TBF16 static inline void store_bf16_hw(uint16_t *os, const uint8_t *packed, int64_t e0, int m,
+                                         int bits, float lo32, float s32) {
+    if (!bf16_hw_group(lo32, s32) || (e0 * bits) % 8 != 0) {
+        store_bf16(os, packed, e0, m, bits, lo32, s32);
+        return;
+    }
+    int k = 0;
+    for (; k + 16 <= m; k += 16) {
+        q_vf v;
+        dequant16(packed + (e0 + k) * bits / 8, bits, lo32, s32, &v);
+        __m512 w;
+        memcpy(&w, &v, sizeof w);
+        __m256bh h = _mm512_cvtneps_pbh(w);
+        memcpy(os + k, &h, sizeof h);
+    }
+    if (k < m) store_bf16(os + k, packed, e0 + k, m - k, bits, lo32, s32);
+}
+
+Q_TBF16 static void dequant_bf16_run_hw(DEQUANT_ARGS(uint16_t)) { DEQUANT_GROUPS(store_bf16_hw) }
+#define Q_HAVE_BF16 1
+#else
+#define Q_HAVE_BF16 0
+#endif
+
+Q_CLONES static void dequant_bf16_run(DEQUANT_ARGS(uint16_t)) { DEQUANT_GROUPS(store_bf16) }
+
+/* Q_PORTABLE in flags: the vector code even where AVX512-BF16 is present (tests) */
+static void (*dequant_bf16_pick(int flags))(DEQUANT_ARGS(uint16_t)) {
+#if Q_HAVE_BF16
+    if (!(flags & Q_PORTABLE) && __builtin_cpu_supports("avx512bf16")) return dequant_bf16_run_hw;
+#endif
+    (void)flags;
+    return dequant_bf16_run;
+}
+
+DEQUANT_EXPORT(fewbit_dequantize_bf16, uint16_t, dequant_bf16_pick)
 
 /* Ask the kernel for transparent huge pages on the 2 MiB-aligned interior of a freshly
  * allocated buffer of nbytes (a hint: contents and semantics are unchanged). Writing a fresh
