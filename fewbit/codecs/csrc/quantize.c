@@ -135,18 +135,26 @@ Q_INLINE void min_max_step(const q_vf *vp, q_vf *mn, q_vf *mx) {
     *mx = (q_vf)(((q_vi)v & gt) | ((q_vi)*mx & ~gt));
 }
 
-/* The end of group_range (both versions): across the 16 lanes' min / max / non-finite bits,
- * then elements [k, m) one by one; returns whether all were finite. */
+/* The end of group_range (both versions): across the 16 lanes' min / max / non-finite bits
+ * (a pairwise tree: 4 dependent steps instead of 16), then elements [k, m) one by one;
+ * returns whether all were finite. */
 static inline int range_finish(const float *mnl, const float *mxl, const int32_t *nfl,
                                const float *buf, int64_t k, int64_t m, float *mn_out,
                                float *mx_out) {
-    float mn = buf[0], mx = buf[0];
-    int32_t nf = 0;
-    for (int t = 0; t < 16; t++) {
-        mn = mnl[t] < mn ? mnl[t] : mn;
-        mx = mxl[t] > mx ? mxl[t] : mx;
-        nf |= nfl[t];
+    float a[16], b[16];
+    int32_t f[16];
+    memcpy(a, mnl, sizeof a);
+    memcpy(b, mxl, sizeof b);
+    memcpy(f, nfl, sizeof f);
+    for (int w = 8; w >= 1; w /= 2) {
+        for (int t = 0; t < w; t++) {
+            a[t] = a[t + w] < a[t] ? a[t + w] : a[t];
+            b[t] = b[t + w] > b[t] ? b[t + w] : b[t];
+            f[t] |= f[t + w];
+        }
     }
+    float mn = a[0] < buf[0] ? a[0] : buf[0], mx = b[0] > buf[0] ? b[0] : buf[0];
+    int32_t nf = f[0];
     for (; k < m; k++) {
         float v = buf[k];
         mn = v < mn ? v : mn;
