@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds",
         type=int,
         default=3,
-        help="interleaved timing rounds, a fresh process per configuration and round; "
-        "memory is measured in the first (default: 3)",
+        help="lockstep timing rounds after the memory pass: per round a fresh process per "
+        "configuration, all alive, stepping one at a time in rotation (default: 3)",
     )
     bench.add_argument(
         "--plot",

@@ -313,7 +313,7 @@ def test_frontier_plot_and_ckpt_columns(tmp_path: os.PathLike[str]) -> None:
     text = format_table(report)
     assert "x ckpt" in text and "n/a: does not apply on cpu" in text
     md = format_markdown(report)
-    assert "| x vanilla | x ckpt |" in md and "2 interleaved rounds" in md
+    assert "| x vanilla | x ckpt |" in md and "2 lockstep rounds" in md
     path = os.path.join(tmp_path, "f.png")
     plot_frontier(report, path)
     with open(path, "rb") as f:

@@ -54,7 +54,7 @@ def test_tiny_bench_end_to_end(tmp_path: os.PathLike[str],
     for key in ("peak_total_bytes", "saved_bytes", "step_time_s", "time_ratio",
                 "peak_saving_pct", "grad_rel_err", "rss_peak_bytes", "saved_by_op"):
         assert key in vanilla and key in gelu3
-    # two interleaved rounds, each a fresh child timing one step
+    # two lockstep timing rounds, each a fresh child per configuration timing one step
     assert len(gelu3["round_medians_s"]) == 2 and len(gelu3["step_times_s"]) == 2
     assert len(gelu3["time_ratio_range"]) == 2
     # save_on_cpu offloads GPU tensors: on the CPU the row says so instead of a number

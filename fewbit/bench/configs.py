@@ -210,7 +210,7 @@ register(
 
 
 # The rows `fewbit bench` runs without --configs (a few minutes on 2 CPU cores for the default
-# model, three interleaved rounds); `--configs all` adds rand20 and its sketch variants, L1,
+# model, three lockstep timing rounds); `--configs all` adds rand20 and its sketch variants, L1,
 # L3 (2 bits on average; its adaptive allocation first changes bits after 100 steps), fckpt and
 # the generic mode on top of gelu3+rand20.
 DEFAULT_CONFIGS = (

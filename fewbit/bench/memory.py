@@ -1,17 +1,17 @@
-"""Parent side of the memory benchmark: one child process per configuration.
+"""Parent side of the benchmark: a memory pass, then lockstep timing rounds.
 
-`run_bench` starts ``python -m fewbit.bench.runner`` once per configuration and round
-(never two at once; with ``rss``, the first round's children with
-``MALLOC_MMAP_THRESHOLD_=65536`` for the VmHWM cross-check), collects the JSON results, and
-adds the comparisons with the vanilla row (peak and saved-activation savings, step-time
-ratio, relative L2 error of the full gradient vector, computed with dropout off, same seed
-and batch; see `fewbit.bench.runner`) and with the activation-checkpointing row (``ckpt``:
-step-time ratio and peak).
+Memory pass: `run_bench` starts ``python -m fewbit.bench.runner`` once per configuration
+(never two at once; with ``rss`` with ``MALLOC_MMAP_THRESHOLD_=65536`` for the VmHWM
+cross-check), collects the JSON results, and adds the comparisons with the vanilla row (peak
+and saved-activation savings, relative L2 error of the full gradient vector, computed with
+dropout off, same seed and batch; see `fewbit.bench.runner`) and with the
+activation-checkpointing row (``ckpt``: peak).
 
-Timing on a shared machine: the configurations are interleaved over ``rounds`` rounds
-(each a fresh child per configuration, the order rotated each round); a time ratio is the
-median over rounds of the ratio of the two configurations' median step times in that
-round, reported with its lowest and highest round.
+Timing on a shared machine: ``rounds`` rounds, each a fresh process per configuration, all
+alive at once and stepping one at a time in rotation (`fewbit.bench.lockstep`), so the steps
+of every configuration alternate within seconds and a slow spell of the machine slows them
+alike. A time ratio is the median over rounds of the ratio of the two configurations' median
+step times in that round, reported with its lowest and highest round.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 
 from fewbit.bench.configs import get_config
+from fewbit.bench.lockstep import run_lockstep_round
 from fewbit.bench.models import resolve_spec
 from fewbit.bench.runner import RESULT_PREFIX, Job
 
@@ -203,14 +204,14 @@ def run_bench(
 ) -> dict[str, Any]:
     """Benchmark ``configs`` (vanilla is added first when missing); a JSON-able report.
 
-    Round 1 runs every configuration in a fresh child that measures memory, saved bytes,
-    the gradient and ``steps`` timed steps; each later round runs every configuration again
-    in a fresh child that only times ``steps`` steps (after ``warmup``). Rounds interleave
-    the configurations, so the time ratios are taken per round (both sides of a ratio ran
-    within minutes of each other) and their median and range reported. A configuration
-    that does not apply to ``device`` (``Config.devices``) gets a row saying so.
-    ``rss`` adds the independent resident-memory peak (VmHWM) of each step, measured in a
-    child started with ``MALLOC_MMAP_THRESHOLD_=65536``; step times are then slower.
+    The memory pass runs every configuration in a fresh child that measures memory, saved
+    bytes and the gradient (and times ``steps`` steps, kept as ``memory_pass_step_times_s``).
+    Then ``rounds`` lockstep timing rounds (`fewbit.bench.lockstep`): per round a fresh child
+    per configuration, each warmed up by ``warmup`` steps, then ``steps`` cycles of one step
+    of each in rotation; the time ratios are taken per round and their median and range
+    reported. A configuration that does not apply to ``device`` (``Config.devices``) gets a
+    row saying so. ``rss`` adds the independent resident-memory peak (VmHWM) of each step,
+    measured in the memory pass with ``MALLOC_MMAP_THRESHOLD_=65536``.
     """
     names = list(dict.fromkeys([BASELINE, *configs]))
     for name in names:
@@ -226,21 +227,27 @@ def run_bench(
     runnable = [n for n in names if get_config(n).applies_to(device)]
     results: dict[str, dict[str, Any]] = {}
     times: dict[str, list[Optional[list[float]]]] = {n: [] for n in runnable}
+    timing_errors: dict[str, list[str]] = {n: [] for n in runnable}
     with tempfile.TemporaryDirectory(prefix="fewbit-bench-") as tmp:
         paths = {n: os.path.join(tmp, f"grad{i}.pt") for i, n in enumerate(runnable)}
-        bar = tqdm(total=rounds * len(runnable), desc="fewbit bench", unit="child",
+        bar = tqdm(total=(rounds + 1) * len(runnable), desc="fewbit bench", unit="child",
                    disable=not progress)  # fmt: skip
-        for round_index in range(rounds):
-            for name in round_order(runnable, round_index):
-                bar.set_postfix_str(f"round {round_index + 1} {name}")
-                first = round_index == 0
-                job = Job(name, model, batch, seq, dtype, device, steps, warmup, seed,
-                          paths[name] if first else None, rss and first, not first)  # fmt: skip
-                result = run_child(job, timeout_s)
-                if first:
-                    results[name] = result
-                times[name].append(None if "error" in result else result["step_times_s"])
-                bar.update(1)
+        for name in runnable:  # memory pass: one fresh process per configuration
+            bar.set_postfix_str(f"memory {name}")
+            job = Job(name, model, batch, seq, dtype, device, steps, warmup, seed, paths[name],
+                      rss)  # fmt: skip
+            results[name] = run_child(job, timeout_s)
+            bar.update(1)
+        for round_index in range(rounds):  # timing rounds: all configurations in lockstep
+            order = [n for n in round_order(runnable, round_index) if "error" not in results[n]]
+            bar.set_postfix_str(f"timing round {round_index + 1}")
+            jobs = [Job(n, model, batch, seq, dtype, device, steps, warmup, seed) for n in order]
+            got = run_lockstep_round(jobs, steps, child_env(), timeout_s)
+            for name in runnable:
+                times[name].append(got.times.get(name))
+                if name in got.errors:
+                    timing_errors[name].append(got.errors[name])
+            bar.update(len(runnable))
         bar.close()
         rows = []
         for name in names:
@@ -249,7 +256,11 @@ def run_bench(
                 continue
             row = results[name]
             if "error" not in row:
-                summarize_times(row, times[name])
+                if any(times[name]):
+                    row["memory_pass_step_times_s"] = row.get("step_times_s")
+                    summarize_times(row, times[name])
+                if timing_errors[name]:
+                    row["timing_errors"] = timing_errors[name]
             rows.append(row)
         add_comparisons(rows)
         _add_grad_errors(rows, paths)

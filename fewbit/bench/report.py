@@ -110,7 +110,8 @@ def _method(report: dict[str, Any]) -> str:
     return (
         f"peak = parameters, optimizer state and batch held before the step + the step's peak "
         f"above them; step time = median of {rounds} x {s.get('steps')} timed steps "
-        f"({rounds} interleaved rounds, a fresh process per configuration and round), IQR in "
+        f"({rounds} lockstep rounds: a fresh process per configuration and round, all alive, "
+        "one step at a time in rotation), IQR in "
         "brackets; x vanilla / x ckpt = median over rounds of the per-round ratio, lowest-"
         "highest round in brackets; grad err = ||g - g_vanilla|| / ||g_vanilla|| (dropout off, "
         "same weights and batch)"

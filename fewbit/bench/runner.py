@@ -11,8 +11,7 @@ that the difference from vanilla isolates the approximation (dropout masks would
 otherwise differ between configurations). The gradients go to ``grad_path`` as a dict
 name -> float32 tensor. Then dropout is restored and the step is profiled.
 
-A ``timing_only`` job (the later rounds of an interleaved benchmark) skips the gradient
-dump and the memory measurements: warm-up steps, then ``steps`` timed steps.
+The timing rounds run in `fewbit.bench.lockstep` children instead (built by `build_job`).
 """
 
 from __future__ import annotations
@@ -35,10 +34,9 @@ from fewbit.profile import (
     default_loss,
     profile_step,
     rss_step_peak,
-    time_steps,
 )
 
-__all__ = ["Job", "run_job", "RESULT_PREFIX", "DTYPES", "dropout_disabled"]
+__all__ = ["Built", "Job", "build_job", "run_job", "RESULT_PREFIX", "DTYPES", "dropout_disabled"]
 
 RESULT_PREFIX = "FEWBIT_RESULT "
 DTYPES: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16}
@@ -59,7 +57,6 @@ class Job:
     seed: int = 0
     grad_path: Optional[str] = None
     rss: bool = False
-    timing_only: bool = False
 
 
 @contextmanager
@@ -92,22 +89,38 @@ def _dump_grads(model: nn.Module, step: TrainStep, seed: int, path: str) -> None
     model.zero_grad(set_to_none=True)
 
 
-def run_job(job: Job) -> dict[str, Any]:
-    """Build, convert and profile one configuration; return the JSON-able result."""
+@dataclass
+class Built:
+    """A job's converted model on its device, batch, optimizer and training step."""
+
+    model: nn.Module
+    batch: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    step: TrainStep
+
+
+def build_job(job: Job) -> Built:
+    """Build the job's model from its seed, convert it to its configuration and set up the
+    training step (AdamW, the job's autocast dtype, `default_loss`)."""
     if job.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {job.dtype!r}")
-    t0 = time.perf_counter()
     device = torch.device(job.device)
     spec = resolve_spec(job.model, job.batch, job.seq)
     model = get_config(job.config).apply(build_model(spec, job.seed)).to(device)
     batch = {k: v.to(device) for k, v in make_batch(spec, job.seed).items()}
-    amp = DTYPES[job.dtype]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    step = TrainStep(model, batch, default_loss, optimizer, amp)
-    if job.timing_only:
-        torch.manual_seed(job.seed + 2)
-        times = time_steps(step, job.steps, job.warmup, device)
-        return {"job": asdict(job), "step_times_s": times, "child_wall_s": time.perf_counter() - t0}
+    step = TrainStep(model, batch, default_loss, optimizer, DTYPES[job.dtype])
+    return Built(model, batch, optimizer, step)
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Build, convert and profile one configuration; return the JSON-able result."""
+    t0 = time.perf_counter()
+    built = build_job(job)
+    model, batch, optimizer, step = built.model, built.batch, built.optimizer, built.step
+    device = torch.device(job.device)
+    spec = resolve_spec(job.model, job.batch, job.seq)
+    amp = DTYPES[job.dtype]
     if job.grad_path:
         _dump_grads(model, step, job.seed, job.grad_path)
     torch.manual_seed(job.seed + 2)
