@@ -60,7 +60,7 @@ from .modules.compressed import (  # ActNN's names
 from .modules.linear import LinearCRS, LinearGRP, RandomizedConv1D, RandomizedLinear
 from .profile import StepProfile, profile_step, saved_bytes
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 #: The few-bit activation classes (``fewbit.GELU``, ...), from ``fewbit.modules.activations``.
 _ACTIVATION_CLASSES = [
