@@ -532,28 +532,11 @@ STORE_GROUP(store_bf16, uint16_t, bf16_round16(&v, os + k), f32_to_bf16)
 
 static inline double f32_to_f64(float v) { return (double)v; }
 
-/* float16 and float64 outputs: one element at a time, 16 at a time through a float buffer */
-#define STORE_VIA_BUF(NAME, T, CONV)                                                         \
-    Q_INLINE void NAME(T *os, const uint8_t *packed, int64_t e0, int m, int bits,           \
-                       float lo32, float s32) {                                              \
-        int k = 0;                                                                           \
-        if ((e0 * bits) % 8 == 0) {                                                          \
-            for (; k + 16 <= m; k += 16) {                                                   \
-                q_vf v;                                                                      \
-                dequant16(packed + (e0 + k) * bits / 8, bits, lo32, s32, &v);                \
-                for (int t = 0; t < 16; t++) os[k + t] = CONV(v[t]);                         \
-            }                                                                                \
-        }                                                                                    \
-        const unsigned mask = (1u << bits) - 1u;                                             \
-        for (; k < m; k++) {                                                                 \
-            int64_t at = (e0 + k) * bits;                                                    \
-            float c = (float)((packed[at >> 3] >> (at & 7)) & mask);                         \
-            os[k] = CONV(lo32 + c * s32);                                                    \
-        }                                                                                    \
-    }
-
-STORE_VIA_BUF(store_f16, uint16_t, f32_to_f16)
-STORE_VIA_BUF(store_f64, double, f32_to_f64)
+/* float16 and float64 outputs: the 16 lanes converted one at a time */
+STORE_GROUP(store_f16, uint16_t, for (int t = 0; t < 16; t++) os[k + t] = f32_to_f16(v[t]),
+            f32_to_f16)
+STORE_GROUP(store_f64, double, for (int t = 0; t < 16; t++) os[k + t] = f32_to_f64(v[t]),
+            f32_to_f64)
 
 /* the group loop of a dequantize run over groups [g0, g1): out = lo + code * scale (float32,
  * the product exact), rounded to the output type by STORER */
