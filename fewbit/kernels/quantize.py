@@ -193,6 +193,26 @@ def _codes(x, lo, inv, u, HASHED: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _group_codes(
+    x, mn, mx, nonfinite, gi, gmask, base, within, valid, lo_ptr, scale_ptr, noise_ptr,
+    seed_ptr, LO_FP16: tl.constexpr, HAS_NOISE: tl.constexpr, BITS: tl.constexpr,
+):  # fmt: skip
+    """Both quantize kernels' middle: store the groups' lo and scale (from their min, max and
+    non-finite flags), draw the noise (the hash of each element's index, or the given noise
+    tensor) and return the int32 codes of the [A, NG, C] tile ``x``."""
+    lo_out, scale_out, lo, inv = _group_params(mn, mx, nonfinite, LO_FP16, BITS)
+    tl.store(lo_ptr + gi, lo_out.to(lo_ptr.dtype.element_ty), mask=gmask)
+    tl.store(scale_ptr + gi, scale_out.to(tl.bfloat16), mask=gmask)
+    elem = base[None, :, None] + within
+    if HAS_NOISE:
+        u = tl.load(noise_ptr + elem, mask=valid, other=0.0)
+    else:
+        start = base.to(tl.uint32) + _seed_key(tl.load(seed_ptr))
+        u = (_mix32(start[None, :, None] + within.to(tl.uint32)) >> 8).to(tl.float32)
+    return _codes(x, lo[None, :, None], inv[None, :, None], u, not HAS_NOISE, BITS)
+
+
+@triton.jit
 def _quantize_kernel(
     x_ptr, noise_ptr, packed_ptr, lo_ptr, scale_ptr,
     n_groups, groups_per_row, row_len, nbytes, seed_ptr,
@@ -219,15 +239,8 @@ def _quantize_kernel(
     mx = tl.max(tl.max(x, axis=0), axis=1)
     # x * 0 is NaN exactly for inf and NaN: one sum finds a non-finite element of the group
     nonfinite = tl.sum(tl.sum(tl.where(valid, x, 0.0) * 0.0, axis=0), axis=1) != 0.0
-    lo_out, scale_out, lo, inv = _group_params(mn, mx, nonfinite, LO_FP16, BITS)
-    tl.store(lo_ptr + gi, lo_out.to(lo_ptr.dtype.element_ty), mask=gmask)
-    tl.store(scale_ptr + gi, scale_out.to(tl.bfloat16), mask=gmask)
-    if HAS_NOISE:
-        u = tl.load(noise_ptr + elem, mask=valid, other=0.0)
-    else:
-        start = base.to(tl.uint32) + _seed_key(tl.load(seed_ptr))
-        u = (_mix32(start[None, :, None] + within.to(tl.uint32)) >> 8).to(tl.float32)
-    code = _codes(x, lo[None, :, None], inv[None, :, None], u, not HAS_NOISE, BITS)
+    code = _group_codes(x, mn, mx, nonfinite, gi, gmask, base, within, valid, lo_ptr, scale_ptr,
+                        noise_ptr, seed_ptr, LO_FP16, HAS_NOISE, BITS)  # fmt: skip
     # runs of 8 codes (a group starts on a packed byte: the layout restriction); run (a, g, r)
     # holds elements a * C + 8r .. + 7 of group g
     k = tl.arange(0, P)
@@ -265,15 +278,8 @@ def _quantize_whole_kernel(
     # a NaN anywhere makes both NaN, an infinity makes one infinite: a bad group below
     mn = tl.reduce(tl.reduce(x, 0, _min_nan), 1, _min_nan)  # in-thread axis first
     mx = tl.reduce(tl.reduce(x, 0, _max_nan), 1, _max_nan)
-    lo_out, scale_out, lo, inv = _group_params(mn, mx, gi < 0, LO_FP16, BITS)
-    tl.store(lo_ptr + gi, lo_out.to(lo_ptr.dtype.element_ty), mask=gmask)
-    tl.store(scale_ptr + gi, scale_out.to(tl.bfloat16), mask=gmask)
-    if HAS_NOISE:
-        u = tl.load(noise_ptr + elem, mask=valid, other=0.0)
-    else:
-        start = base.to(tl.uint32) + _seed_key(tl.load(seed_ptr))
-        u = (_mix32(start[None, :, None] + within.to(tl.uint32)) >> 8).to(tl.float32)
-    code = _codes(x, lo[None, :, None], inv[None, :, None], u, not HAS_NOISE, BITS)
+    code = _group_codes(x, mn, mx, gi < 0, gi, gmask, base, within, valid, lo_ptr, scale_ptr,
+                        noise_ptr, seed_ptr, LO_FP16, HAS_NOISE, BITS)  # fmt: skip
     # runs of 8 codes; run (a, g, r) holds elements a * C + 8r .. + 7 of group g
     k = tl.arange(0, P)
     run = (
