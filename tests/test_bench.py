@@ -219,6 +219,25 @@ def test_paired_time_ratios_against_vanilla_and_ckpt() -> None:
     assert "time_ratio" not in offload
 
 
+def test_round_ratio_pairs_steps_by_cycle() -> None:
+    """Lockstep rounds: slow spells within a round (cycles 1 and 3 every configuration 3x
+    slower, cycle 4 only x) leave the per-cycle paired ratio at 1.1, where the ratio of the
+    round medians would be 3.3; a child that failed mid-round (unequal lengths) falls back to
+    the medians."""
+    rows = [{"config": "vanilla", "peak_total_bytes": 100, "saved_bytes": 50},
+            {"config": "x", "peak_total_bytes": 50, "saved_bytes": 10}]  # fmt: skip
+    summarize_times(rows[0], [[1.0, 3.0, 1.0, 3.0, 1.0]])
+    summarize_times(rows[1], [[1.1, 3.3, 1.1, 3.3, 3.3]])
+    add_comparisons(rows)
+    # per-cycle ratios 1.1, 1.1, 1.1, 1.1, 3.3: median 1.1 (medians: 3.3 / 1.0)
+    assert rows[1]["time_ratio"] == pytest.approx(1.1)
+    summarize_times(rows[0], [[1.0, 2.0, 3.0, 4.0, 5.0]])
+    summarize_times(rows[1], [[2.0, 2.0, 9.0]])
+    add_comparisons(rows)
+    assert rows[1]["time_ratio"] == pytest.approx(2.0 / 3.0)
+    assert rows[1]["round_step_times_s"] == [[2.0, 2.0, 9.0]]
+
+
 def test_pareto_frontier() -> None:
     points = {"vanilla": (1.0, 10.0), "ckpt": (1.3, 5.0), "slow": (2.0, 6.0), "L2": (1.5, 4.0),
               "tie": (1.3, 5.0)}

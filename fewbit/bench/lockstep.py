@@ -2,8 +2,9 @@
 
 A timing round of `fewbit bench` starts one child per configuration (``python -m
 fewbit.bench.lockstep '<job json>'``), one after the other; each builds its model, runs its
-warm-up steps and says it is ready, then waits. The parent then asks for ``steps`` cycles of
-one step from each child in turn (the order rotated every cycle), so the steps of all
+warm-up steps and says it is ready, then waits. The parent then asks for one untimed and
+``steps`` timed cycles of one step from each child in turn (the order rotated every cycle),
+so the steps of all
 configurations alternate within seconds: a slow spell of a shared machine (other jobs, another
 VM on the same host) slows every configuration alike instead of whichever happened to run
 then. Each configuration keeps a process of its own (its own heap and allocator state, as in a
@@ -131,9 +132,10 @@ def _stop(child: _Child) -> None:
 def run_lockstep_round(
     jobs: list[Job], steps: int, env: dict[str, str], timeout_s: Optional[float] = None
 ) -> LockstepRound:
-    """Start every job's child (one after the other, each through its warm-up), then run
-    ``steps`` cycles of one timed step per live child; stop them all. ``timeout_s`` bounds
-    each wait for a child (its build and warm-up, or one step)."""
+    """Start every job's child (one after the other, each through its warm-up), then run one
+    untimed cycle and ``steps`` timed cycles of one step per live child; stop them all. The
+    times of a configuration are in cycle order (entry ``c`` of every list ran in cycle
+    ``c``). ``timeout_s`` bounds each wait for a child (its build and warm-up, or one step)."""
     result = LockstepRound()
     children: list[_Child] = []
     try:
@@ -144,7 +146,9 @@ def run_lockstep_round(
             else:
                 children.append(started)
                 result.times[job.config] = []
-        for cycle in range(steps):
+        # cycle -1 is untimed: a child's first step after waiting for the others to build
+        # and warm up ran up to 2x slower than the next ones
+        for cycle in range(-1, steps):
             by_name = {c.name: c for c in children}
             for name in cycle_order([c.name for c in children], cycle):
                 got = _step(by_name[name], timeout_s)
@@ -152,7 +156,7 @@ def run_lockstep_round(
                     result.errors[name] = got
                     del result.times[name]
                     children = [c for c in children if c.name != name]
-                else:
+                elif cycle >= 0:
                     result.times[name].append(got)
     finally:
         for child in children:

@@ -10,8 +10,9 @@ activation-checkpointing row (``ckpt``: peak).
 Timing on a shared machine: ``rounds`` rounds, each a fresh process per configuration, all
 alive at once and stepping one at a time in rotation (`fewbit.bench.lockstep`), so the steps
 of every configuration alternate within seconds and a slow spell of the machine slows them
-alike. A time ratio is the median over rounds of the ratio of the two configurations' median
-step times in that round, reported with its lowest and highest round.
+alike. A round's time ratio is the median over its cycles of the ratio of the two
+configurations' steps in the same cycle; the reported ratio is the median over rounds, with
+its lowest and highest round.
 """
 
 from __future__ import annotations
@@ -108,9 +109,22 @@ def _saving(x: Optional[float], base: Optional[float]) -> Optional[float]:
     return 100.0 * (base - x) / base if x is not None and base else None
 
 
+def _round_ratio(mine: list[float], theirs: list[float]) -> float:
+    """One round's ratio: the median over cycles of the two step times of the same cycle
+    (lockstep: they ran seconds apart), or the ratio of the medians when the lists do not
+    pair up (a child failed mid-round)."""
+    if len(mine) == len(theirs):
+        return statistics.median(a / b for a, b in zip(mine, theirs))
+    return statistics.median(mine) / statistics.median(theirs)
+
+
 def _paired_ratios(row: dict[str, Any], base: dict[str, Any]) -> list[float]:
-    """Per round: median step time of ``row`` over that of ``base`` in the same round (the
-    rounds interleave the configurations, so a slow spell of the machine hits both)."""
+    """Per round: the step time of ``row`` over that of ``base`` in the same round (steps
+    paired by cycle, see `_round_ratio`; rows without per-cycle times: the ratio of the
+    round medians)."""
+    mine, theirs = row.get("round_step_times_s"), base.get("round_step_times_s")
+    if mine and theirs:
+        return [_round_ratio(a, b) for a, b in zip(mine, theirs) if a and b]
     mine, theirs = row.get("round_medians_s"), base.get("round_medians_s")
     if not mine or not theirs:
         return []
@@ -147,6 +161,7 @@ def summarize_times(row: dict[str, Any], rounds: list[Optional[list[float]]]) ->
     """Set the row's step-time statistics from the timed steps of each round (None: that
     round's child failed): median and quartiles of all timed steps, per-round medians."""
     all_times = [t for times in rounds if times for t in times]
+    row["round_step_times_s"] = [list(t) if t else None for t in rounds]
     row["round_medians_s"] = [statistics.median(t) if t else None for t in rounds]
     row["step_times_s"] = all_times
     row["step_time_s"] = statistics.median(all_times)

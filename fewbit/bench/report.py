@@ -112,7 +112,8 @@ def _method(report: dict[str, Any]) -> str:
         f"above them; step time = median of {rounds} x {s.get('steps')} timed steps "
         f"({rounds} lockstep rounds: a fresh process per configuration and round, all alive, "
         "one step at a time in rotation), IQR in "
-        "brackets; x vanilla / x ckpt = median over rounds of the per-round ratio, lowest-"
+        "brackets; x vanilla / x ckpt = median over rounds of the per-round ratio (median "
+        "over the round's cycles of the two steps' ratio), lowest-"
         "highest round in brackets; grad err = ||g - g_vanilla|| / ||g_vanilla|| (dropout off, "
         "same weights and batch)"
     )
