@@ -372,9 +372,11 @@ def _unpack_pow2(b: Tensor, bits: int, n: int) -> Tensor:
 
 # ----------------------------------------------------------------------------- torch path
 def _quantize_block(
-    g: Tensor, noise: Tensor, bits: int, lo_dtype: torch.dtype
+    g: Tensor, bits: int, lo_dtype: torch.dtype, noise: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Codes (uint8, same shape as ``g``), lo and scale for float32 groups ``g``."""
+    """Codes (uint8, same shape as ``g``), lo and scale for float32 groups ``g``, with the
+    rounding noise ``noise`` (``g``'s numel values in [0, 1)); None: no noise, codes round
+    down (for callers that only want lo and scale, such as the GPU reference check)."""
     levels = (1 << bits) - 1
     mn = g.amin(dim=1)
     mx = g.amax(dim=1)
@@ -398,7 +400,9 @@ def _quantize_block(
     inv = 1.0 / torch.where(scale32 > 0, scale32, 1.0)  # float32, correctly rounded
     v = (g - lo32.unsqueeze(1)) * inv.unsqueeze(1)
     v = torch.nan_to_num(v, nan=0.0)  # NaN groups: any code, they decode to NaN
-    codes = (v + noise.view(g.shape)).floor().clamp(0, levels).to(torch.uint8)
+    if noise is not None:
+        v = v + noise.view(g.shape)
+    codes = v.floor().clamp(0, levels).to(torch.uint8)
     return codes, lo, scale
 
 
@@ -409,7 +413,7 @@ def _encode_block(
     """Codes of ``nrows x ncols`` elements ``x`` in element order, lo and scale."""
     g = _grouped(x, nrows, ncols, group_size)
     noise = _uniform(key, nrows, ncols, g.numel() // nrows, g.device)
-    codes, lo, scale = _quantize_block(g, noise, bits, lo_dtype)
+    codes, lo, scale = _quantize_block(g, bits, lo_dtype, noise)
     return codes.reshape(nrows, -1)[:, :ncols].reshape(-1), lo, scale
 
 
@@ -422,7 +426,7 @@ def _encode_flat(
     g = x.view(-1, group_size).float()
     i = torch.arange(x.numel(), dtype=torch.int32, device=x.device)
     noise = ((_mix32(i + key) >> 8) & 0xFFFFFF).to(torch.float32) * 2.0**-24
-    codes, lo, scale = _quantize_block(g, noise, bits, lo_dtype)
+    codes, lo, scale = _quantize_block(g, bits, lo_dtype, noise)
     return codes.view(-1), lo, scale
 
 
@@ -491,7 +495,7 @@ def _torch_quantize(
         else:
             g = _grouped(flat[e0:e1], nrows, ncols, group_size)
             u = _grouped(noise.reshape(-1)[e0:e1], nrows, ncols, group_size)
-            c, lo_b, scale_b = _quantize_block(g, u, bits, lo_dtype)
+            c, lo_b, scale_b = _quantize_block(g, bits, lo_dtype, u)
             c = c.reshape(nrows, -1)[:, :ncols].reshape(-1)
         g0 = r0 * n_groups_row + c0 // group_size
         lo[g0 : g0 + lo_b.numel()] = lo_b
