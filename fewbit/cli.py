@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=3,
         help="lockstep timing rounds after the memory pass: per round a fresh process per "
-        "configuration, all alive, stepping one at a time in rotation (default: 3)",
+        "configuration, all alive, stepping one at a time in rotation; host memory must hold "
+        "every configuration's idle process plus one step's peak (default: 3)",
     )
     bench.add_argument(
         "--plot",
