@@ -71,6 +71,7 @@ from torch import Tensor
 
 from . import native
 from .bitpack import packed_nbytes
+from .counter_hash import MIX1, MIX2, Word, mix32
 from .fused import compile_enabled, fused
 from .protocol import Encoded, restride, saved_stride
 
@@ -283,8 +284,8 @@ def draw_seed(generator: torch.Generator | None, device: torch.device | str) -> 
     return seed.to(device, non_blocking=True)
 
 
-_MIX1 = 0x7FEB352D
-_MIX2 = 0x846CA68B - 2**32  # as int32
+_MIX1 = MIX1
+_MIX2 = MIX2 - 2**32  # as int32
 
 
 def _mix32(h: Tensor) -> Tensor:
@@ -297,33 +298,11 @@ def _mix32(h: Tensor) -> Tensor:
     return h ^ ((h >> 16) & 0xFFFF)
 
 
-def _mix32_wide(h: Tensor) -> Tensor:
-    """:func:`_mix32` on int64 tensors holding values in ``[0, 2**32)`` (same function)."""
-    h = h ^ (h >> 16)
-    h = (h * _MIX1) & _M32
-    h = h ^ (h >> 15)
-    h = (h * (_MIX2 & _M32)) & _M32
-    return h ^ (h >> 16)
-
-
-def _seed_key(seed: Tensor) -> Tensor:
-    """32-bit noise key (int64 tensor in ``[0, 2**32)``) of a 62-bit seed; no sync."""
-    return _mix32_wide(((seed >> 32) ^ _mix32_wide(seed & _M32)) & _M32)
-
-
-def _mix32_int(h: int) -> int:
-    """:func:`_mix32` of one 32-bit word as a Python int (same function)."""
-    h ^= h >> 16
-    h = (h * _MIX1) & _M32
-    h ^= h >> 15
-    h = (h * (_MIX2 & _M32)) & _M32
-    return h ^ (h >> 16)
-
-
-def _seed_key_int(seed: int) -> int:
-    """:func:`_seed_key` of a seed held as a Python int (the native path: a CPU seed is read
-    once; a dozen one-element tensor operations cost about 50 us per call)."""
-    return _mix32_int(((seed >> 32) ^ _mix32_int(seed & _M32)) & _M32)
+def _seed_key(seed: Word) -> Word:
+    """32-bit noise key (in ``[0, 2**32)``) of a 62-bit seed: an int64 tensor (no sync), or
+    a Python int (the native path reads a CPU seed once; a dozen one-element tensor
+    operations cost about 50 us per call)."""
+    return mix32(((seed >> 32) ^ mix32(seed & _M32)) & _M32)
 
 
 def _block_key(key: Tensor, e0: int) -> Tensor:
@@ -581,7 +560,7 @@ def _native_quantize(
     x: Tensor, key: int, bits: int, group_size: int, per_sample: bool, portable: bool = False
 ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     """(packed, lo, scale) of CPU ``x`` in one native pass per group, the same bytes as the
-    torch path (same noise: ``key`` is :func:`_seed_key_int` of the seed); None when the native
+    torch path (same noise: ``key`` is :func:`_seed_key` of the seed); None when the native
     library does not apply. Transient memory: none beyond the outputs. ``portable``: the
     C code's portable vector path even where its AVX-512 path would run (tests)."""
     if bits not in QUANT_BITS or not 1 <= group_size <= MAX_GROUP_SIZE:
@@ -672,7 +651,7 @@ def _quantize_impl(
         return q.packed, q.lo, q.scale
     got = None
     if seed.device.type == "cpu":  # the native path's key, read on the host
-        got = _native_quantize(x, _seed_key_int(int(seed.item())), bits, group_size, per_sample)
+        got = _native_quantize(x, _seed_key(int(seed.item())), bits, group_size, per_sample)
     if got is not None:
         return got
     return _torch_quantize(x, seed, bits, group_size, per_sample)

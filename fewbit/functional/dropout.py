@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..codecs.bitpack import pack, packed_nbytes, unpack
+from ..codecs.counter_hash import MASK32, mix32
 from ..codecs.marks import mark_compact
 from ..codecs.native import library
 from ..codecs.protocol import BitPacker, PackedCodes
@@ -54,8 +55,6 @@ from .saved import load_encoded, save_encoded
 
 __all__ = ["apply_mask", "dropout", "dropout_with_mask", "keep_mask", "keep_threshold"]
 
-_MASK32 = 0xFFFFFFFF
-_MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B
 # Elements per chunk of the eager hash (a multiple of 8): its int64 temporaries are
 # 8 bytes per element each, so chunks bound them to a few MiB.
 _EAGER_CHUNK = 1 << 20
@@ -73,42 +72,17 @@ def keep_threshold(p: float) -> int:
     return int(round(p * (1 << 24)))
 
 
-def _mix32_int(h: int) -> int:
-    """``mix32`` of one Python integer in ``[0, 2**32)``."""
-    h ^= h >> 16
-    h = (h * _MIX1) & _MASK32
-    h ^= h >> 15
-    h = (h * _MIX2) & _MASK32
-    return h ^ (h >> 16)
-
-
-def _mul32(h: Tensor, c: int) -> Tensor:
-    """``(h * c) mod 2**32`` for int64 ``h`` in ``[0, 2**32)``, in 16-bit halves of ``c`` so
-    that no int64 product overflows (each is below ``2**48``)."""
-    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
-
-
-def _mix32(h: Tensor) -> Tensor:
-    """``mix32`` elementwise on int64 ``h`` in ``[0, 2**32)`` (shifts of non-negative values
-    are logical)."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, _MIX1)
-    h = h ^ (h >> 15)
-    h = _mul32(h, _MIX2)
-    return h ^ (h >> 16)
-
-
 def keep_mask(start: int, stop: int, k0: int, k1: int, thr: int) -> Tensor:
     """Keep bits (bool, CPU) of the elements ``start .. stop - 1`` for keys ``k0, k1`` and
     threshold ``thr`` (the eager form of the C hash in ``csrc/dropout.c``)."""
     e = torch.arange(start, stop, dtype=torch.int64)
     his = {start >> 32, (stop - 1) >> 32} if stop > start else set()
     if len(his) == 1:  # one 2**32-element run: one key (a Python int) for it
-        kb: Any = k1 ^ _mix32_int(his.pop())
+        kb: Any = k1 ^ mix32(his.pop())
     else:
-        kb = k1 ^ _mix32(e >> 32)
-    h = _mix32(((e & _MASK32) + k0) & _MASK32)
-    h = _mix32(h ^ kb)
+        kb = k1 ^ mix32(e >> 32)
+    h = mix32(((e & MASK32) + k0) & MASK32)
+    h = mix32(h ^ kb)
     return (h >> 8) >= thr
 
 

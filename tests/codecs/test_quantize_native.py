@@ -15,7 +15,7 @@ from fewbit.codecs import quantize as qmod
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SEED = torch.tensor([0x0123456789ABCDE], dtype=torch.int64)
-KEY = qmod._seed_key_int(int(SEED.item()))
+KEY = qmod._seed_key(int(SEED.item()))
 
 
 def test_seed_key_of_a_python_int_equals_the_tensor_version() -> None:
@@ -26,7 +26,7 @@ def test_seed_key_of_a_python_int_equals_the_tensor_version() -> None:
     drawn = torch.randint(0, 2**62, (500,), generator=gen, dtype=torch.int64).tolist()
     for seed in edges + drawn:
         want = int(qmod._seed_key(torch.tensor([seed], dtype=torch.int64)).item())
-        assert qmod._seed_key_int(seed) == want, seed
+        assert qmod._seed_key(seed) == want, seed
 # (shape, group_size): whole groups, partial last groups per row, a row shorter than a group,
 # odd sizes, 1-D tensors and groups of one element; groups whose start is a whole byte at
 # some bit widths only (vector and scalar pack/unpack in one tensor)
