@@ -28,7 +28,7 @@ from typing import IO, Optional
 
 import torch
 
-from fewbit.bench.runner import Job, build_job
+from fewbit.bench.runner import Job, build_job, stderr_tail
 from fewbit.profile.step import time_steps
 
 __all__ = ["LockstepRound", "run_lockstep_round", "cycle_order"]
@@ -73,8 +73,7 @@ def _failure(child: _Child, what: str) -> str:
     child.proc.kill()
     child.proc.wait()
     child.stderr.seek(0)
-    tail = [ln.strip() for ln in child.stderr.read().splitlines() if ln.strip()]
-    tail = [ln for ln in tail if "USDT" not in ln]
+    tail = stderr_tail(child.stderr.read(), 1)
     return f"{what}: {tail[-1] if tail else 'no output'}"
 
 

@@ -30,9 +30,9 @@ from typing import Any, Optional
 import torch
 
 from fewbit.bench.configs import get_config
-from fewbit.bench.lockstep import run_lockstep_round
+from fewbit.bench.lockstep import cycle_order, run_lockstep_round
 from fewbit.bench.models import resolve_spec
-from fewbit.bench.runner import RESULT_PREFIX, Job
+from fewbit.bench.runner import RESULT_PREFIX, Job, stderr_tail
 
 __all__ = [
     "run_bench",
@@ -82,8 +82,8 @@ def run_child(job: Job, timeout_s: Optional[float] = None) -> dict[str, Any]:
             result: dict[str, Any] = json.loads(line[len(RESULT_PREFIX) :])
             result["config"] = job.config
             return result
-    tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and "USDT" not in ln][-12:]
-    last = tail[-1].strip() if tail else "no output"
+    tail = stderr_tail(proc.stderr, 12)
+    last = tail[-1] if tail else "no output"
     return {"config": job.config, "error": f"exit {proc.returncode}: {last}", "stderr_tail": tail}
 
 
@@ -187,10 +187,9 @@ def _add_grad_errors(rows: list[dict[str, Any]], paths: dict[str, str]) -> None:
 
 
 def round_order(names: list[str], round_index: int) -> list[str]:
-    """The order in which round ``round_index`` runs ``names``: rotated by one each round so
-    that no configuration always runs first (or right after the same neighbour)."""
-    k = round_index % len(names) if names else 0
-    return names[k:] + names[:k]
+    """The order in which round ``round_index`` starts ``names``: rotated by one each round,
+    as the cycles within a round are (`fewbit.bench.lockstep.cycle_order`)."""
+    return cycle_order(names, round_index)
 
 
 def _not_applicable(name: str, device: str) -> dict[str, Any]:

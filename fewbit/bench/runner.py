@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fewbit.bench.configs import get_config
-from fewbit.bench.models import build_model, make_batch, resolve_spec
+from fewbit.bench.models import ModelSpec, build_model, make_batch, resolve_spec
 from fewbit.profile import (
     TrainStep,
     default_loss,
@@ -36,7 +36,10 @@ from fewbit.profile import (
     rss_step_peak,
 )
 
-__all__ = ["Built", "Job", "build_job", "run_job", "RESULT_PREFIX", "DTYPES", "dropout_disabled"]
+__all__ = [
+    "Built", "Job", "build_job", "run_job", "stderr_tail", "RESULT_PREFIX", "DTYPES",
+    "dropout_disabled",
+]
 
 RESULT_PREFIX = "FEWBIT_RESULT "
 DTYPES: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16}
@@ -89,10 +92,19 @@ def _dump_grads(model: nn.Module, step: TrainStep, seed: int, path: str) -> None
     model.zero_grad(set_to_none=True)
 
 
+def stderr_tail(text: str, lines: int) -> list[str]:
+    """The last ``lines`` lines of a child's stderr worth reporting: stripped, non-blank, not
+    torch.profiler's ``USDT`` trace lines."""
+    kept = [ln.strip() for ln in text.splitlines() if ln.strip() and "USDT" not in ln]
+    return kept[-lines:]
+
+
 @dataclass
 class Built:
-    """A job's converted model on its device, batch, optimizer and training step."""
+    """A job's resolved model preset, converted model on its device, batch, optimizer and
+    training step."""
 
+    spec: ModelSpec
     model: nn.Module
     batch: dict[str, torch.Tensor]
     optimizer: torch.optim.Optimizer
@@ -110,16 +122,15 @@ def build_job(job: Job) -> Built:
     batch = {k: v.to(device) for k, v in make_batch(spec, job.seed).items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     step = TrainStep(model, batch, default_loss, optimizer, DTYPES[job.dtype])
-    return Built(model, batch, optimizer, step)
+    return Built(spec, model, batch, optimizer, step)
 
 
 def run_job(job: Job) -> dict[str, Any]:
     """Build, convert and profile one configuration; return the JSON-able result."""
     t0 = time.perf_counter()
     built = build_job(job)
-    model, batch, optimizer, step = built.model, built.batch, built.optimizer, built.step
+    spec, model, batch, step = built.spec, built.model, built.batch, built.step
     device = torch.device(job.device)
-    spec = resolve_spec(job.model, job.batch, job.seq)
     amp = DTYPES[job.dtype]
     if job.grad_path:
         _dump_grads(model, step, job.seed, job.grad_path)
@@ -127,7 +138,7 @@ def run_job(job: Job) -> dict[str, Any]:
     prof = profile_step(
         model,
         batch,
-        optimizer=optimizer,
+        optimizer=built.optimizer,
         steps=job.steps,
         warmup=job.warmup,
         device=device,
