@@ -358,8 +358,8 @@ Q_INLINE void group_meta(int bad, float mn, float mx, float L, int lo_f16, uint1
 /* ---- calls: groups [g0, g1), element e0 of group g = row * row_len + col * gs ----
  *
  * flags: bit 0 = lo is float16 (else bfloat16); bit 2 = quantize (and bfloat16 dequantize)
- * with the portable vector code even on AVX-512 machines (tests compare both); bit 1 = the caller allows splitting the
- * groups across OpenMP threads (torch's pool when the library is built with -fopenmp): it
+ * with the portable vector code even on AVX-512 machines (tests compare both); bit 1 = the
+ * caller allows splitting the groups across OpenMP threads (torch's pool when the library is built with -fopenmp): it
  * sets it only when every group starts on a multiple of 8 elements (no two threads share a
  * packed byte). Each thread takes one contiguous run of groups; results do not depend on the
  * split. */
@@ -393,19 +393,23 @@ Q_INLINE void group_meta(int bad, float mn, float mx, float L, int lo_f16, uint1
     } while (0)
 #endif
 
+/* first element of group g and its length (*len): rows of row_len elements, each cut into
+ * gpr groups of gs (the last one of a row possibly shorter) */
+static inline int64_t group_span(int64_t g, int64_t gpr, int64_t row_len, int64_t gs,
+                                 int64_t *len) {
+    int64_t r = g / gpr, c = g % gpr, rest = row_len - c * gs;
+    *len = rest < gs ? rest : gs;
+    return r * row_len + c * gs;
+}
+
 /* Software prefetch of the group Q_PREFETCH_GROUPS ahead, one cache line at a time: the
  * min/max pass otherwise waits on memory while the codes pass leaves the bus idle. */
 #ifndef Q_PREFETCH_GROUPS
 #define Q_PREFETCH_GROUPS 2
 #endif
-#define prefetch_group(x, g, gpr, row_len, gs)                                               \
-    do {                                                                                     \
-        int64_t pr_ = (g) / (gpr), pc_ = (g) % (gpr);                                        \
-        int64_t pm_ = (row_len) - pc_ * (gs) < (gs) ? (row_len) - pc_ * (gs) : (gs);         \
-        const char *pp_ = (const char *)((x) + pr_ * (row_len) + pc_ * (gs));                \
-        for (int64_t o_ = 0; o_ < pm_ * (int64_t)sizeof(*(x)); o_ += 64)                     \
-            __builtin_prefetch(pp_ + o_, 0, 3);                                              \
-    } while (0)
+static inline void prefetch_bytes(const void *p, int64_t nbytes) {
+    for (int64_t o = 0; o < nbytes; o += 64) __builtin_prefetch((const char *)p + o, 0, 3);
+}
 
 /* the group loop of one run, with the given range and codes functions */
 #define QUANT_GROUPS(T, LOADER, RANGE, CODES)                                                \
@@ -414,10 +418,11 @@ Q_INLINE void group_meta(int bad, float mn, float mx, float L, int lo_f16, uint1
     float buf[QMAX_GROUP] __attribute__((aligned(64)));                                      \
     uint8_t codes[QMAX_GROUP] __attribute__((aligned(64)));                                  \
     for (int64_t g = g0; g < g1; g++) {                                                      \
-        int64_t r = g / gpr, c = g % gpr;                                                    \
-        int64_t e0 = r * row_len + c * gs;                                                   \
-        int64_t m = row_len - c * gs < gs ? row_len - c * gs : gs;                           \
-        if (g + Q_PREFETCH_GROUPS < g1) prefetch_group(x, g + Q_PREFETCH_GROUPS, gpr, row_len, gs); \
+        int64_t m, e0 = group_span(g, gpr, row_len, gs, &m);                                 \
+        if (g + Q_PREFETCH_GROUPS < g1) {                                                    \
+            int64_t pm, pe = group_span(g + Q_PREFETCH_GROUPS, gpr, row_len, gs, &pm);      \
+            prefetch_bytes(x + pe, pm * (int64_t)sizeof(*x));                                \
+        }                                                                                    \
         const float *v = LOADER(x + e0, m, buf);                                             \
         float mn, mx, lo32, scale32;                                                         \
         int bad = !RANGE(v, m, &mn, &mx);                                                    \
@@ -543,9 +548,8 @@ STORE_GROUP(store_f64, double, for (int t = 0; t < 16; t++) os[k + t] = f32_to_f
 #define DEQUANT_GROUPS(STORER)                                                               \
     int64_t gpr = (row_len + gs - 1) / gs;                                                   \
     for (int64_t g = g0; g < g1; g++) {                                                      \
-        int64_t r = g / gpr, c = g % gpr;                                                    \
-        int64_t e0 = r * row_len + c * gs;                                                   \
-        int m = (int)(row_len - c * gs < gs ? row_len - c * gs : gs);                        \
+        int64_t len, e0 = group_span(g, gpr, row_len, gs, &len);                             \
+        int m = (int)len;                                                                    \
         float lo32 = lo_f16 ? f16_to_f32(lo[g]) : bf16_to_f32(lo[g]);                        \
         float s32 = bf16_to_f32(scale[g]);                                                   \
         switch (bits) { /* constant bit width in each inlined copy */                        \
