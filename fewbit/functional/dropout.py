@@ -180,6 +180,42 @@ def _(grad: Tensor, packed: Tensor, p: float) -> Tensor:
     return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
 
 
+def _hashed_forward(
+    x: Tensor, keys: Tensor, p: float, out: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """The CPU forward pass (:func:`_forward_cpu`): through its custom op while torch.compile
+    traces (a ctypes call cannot be traced; ``out`` is then not used), else directly."""
+    if torch.compiler.is_compiling():
+        return _forward_op(x, keys, p)
+    return _forward_cpu(x, keys, p, out)
+
+
+def _hashed_backward(grad: Tensor, packed: Tensor, p: float) -> Tensor:
+    """The CPU backward pass (:func:`_backward_cpu`), through its custom op while tracing."""
+    if torch.compiler.is_compiling():
+        return _backward_op(grad, packed, p)
+    return _backward_cpu(grad, packed, p)
+
+
+def _drawn_noise(
+    x: Tensor, p: float, generator: Optional[torch.Generator]
+) -> Tuple[Tensor, PackedCodes]:
+    """Other devices: torch's draws, ``noise = bernoulli(1 - p) / (1 - p)`` (contiguous, x's
+    dtype), and the keep-mask as 1-bit uint8 codes (decoded straight to 0/1 bytes: no bool
+    conversion pass)."""
+    noise = torch.empty_like(x, memory_format=torch.contiguous_format)
+    noise.bernoulli_(1 - p, generator=generator)
+    mask = BitPacker(1).encode(noise.ne(0).view(torch.uint8))
+    noise.div_(1 - p)
+    return noise, mask
+
+
+def _mask_noise(mask: PackedCodes, p: float, dtype: torch.dtype) -> Tensor:
+    """``noise = keep / (1 - p)`` in ``dtype`` from a packed keep-mask (other devices)."""
+    noise = mask.decode().to(dtype)
+    return noise.div_(1 - p)
+
+
 def dropout_with_mask(
     x: Tensor, p: float, generator: Optional[torch.Generator] = None
 ) -> Tuple[Tensor, PackedCodes]:
@@ -190,16 +226,9 @@ def dropout_with_mask(
     ``0 < p < 1``."""
     if x.device.type == "cpu":
         xc = x.contiguous()
-        keys = _draw_keys(generator)
-        if torch.compiler.is_compiling():
-            out, packed = _forward_op(xc, keys, p)
-        else:
-            out, packed = _forward_cpu(xc, keys, p)
+        out, packed = _hashed_forward(xc, _draw_keys(generator), p)
         return out, PackedCodes(packed, 1, xc.shape, torch.bool)
-    noise = torch.empty_like(x, memory_format=torch.contiguous_format)
-    noise.bernoulli_(1 - p, generator=generator)
-    mask = BitPacker(1).encode(noise.ne(0).view(torch.uint8))
-    noise.div_(1 - p)
+    noise, mask = _drawn_noise(x, p, generator)
     return x * noise, PackedCodes(mask.packed, 1, mask.shape, torch.bool)
 
 
@@ -207,13 +236,8 @@ def apply_mask(t: Tensor, mask: PackedCodes, p: float) -> Tensor:
     """``t * noise`` for a mask from :func:`dropout_with_mask` (``t`` of the mask's shape):
     the dropped-out copy of ``t`` in torch's arithmetic (one C pass on the CPU)."""
     if t.device.type == "cpu":
-        tc = t.contiguous()
-        if torch.compiler.is_compiling():
-            return _backward_op(tc, mask.packed, p)
-        return _backward_cpu(tc, mask.packed, p)
-    noise = mask.decode().to(t.dtype)
-    noise.div_(1 - p)
-    return t * noise
+        return _hashed_backward(t.contiguous(), mask.packed, p)
+    return t * _mask_noise(mask, p, t.dtype)
 
 
 class _Dropout(torch.autograd.Function):
@@ -230,11 +254,8 @@ class _Dropout(torch.autograd.Function):
             perm = _memory_order(x)
             ctx.perm = perm  # type: ignore[attr-defined]
             xm = x.permute(perm) if perm is not None else x  # memory order, no copy
-            if torch.compiler.is_compiling():
-                out_m, packed = _forward_op(xm, keys, p)
-            else:
-                direct = inplace and xm.is_contiguous()
-                out_m, packed = _forward_cpu(xm, keys, p, xm if direct else None)
+            direct = inplace and xm.is_contiguous()
+            out_m, packed = _hashed_forward(xm, keys, p, xm if direct else None)
             out = out_m.permute(_inverse(perm)) if perm is not None else out_m  # x's strides
             if not torch.compiler.is_compiling():  # a trace cannot set Python attributes
                 packed = mark_compact(packed)  # the generic mode leaves it alone
@@ -243,15 +264,8 @@ class _Dropout(torch.autograd.Function):
                 return out
             ctx.mark_dirty(x)
             return x if out_m is xm else x.copy_(out)
-        # Other devices: torch's draws, noise = bernoulli(1-p)/(1-p), mask packed.
-        noise = torch.empty_like(x, memory_format=torch.contiguous_format)
-        noise.bernoulli_(1 - p, generator=generator)
-        mask = noise.ne(0)
-        noise.div_(1 - p)
-        # Encoded as 1-bit uint8 codes: backward decodes them straight to 0/1 bytes (no bool
-        # conversion pass) and converts once to the gradient's dtype.
-        save_encoded(ctx, BitPacker(1).encode(mask.view(torch.uint8)))
-        del mask
+        noise, mask = _drawn_noise(x, p, generator)
+        save_encoded(ctx, mask)
         if inplace:
             ctx.mark_dirty(x)
             return x.mul_(noise)
@@ -264,16 +278,11 @@ class _Dropout(torch.autograd.Function):
             (packed,) = ctx.saved_tensors
             perm = ctx.perm
             gm = grad.permute(perm) if perm is not None else grad  # the forward's order
-            if torch.compiler.is_compiling():
-                gx = _backward_op(gm, packed, ctx.p)
-            else:
-                gx = _backward_cpu(gm, packed, ctx.p)
+            gx = _hashed_backward(gm, packed, ctx.p)
             return gx.permute(_inverse(perm)) if perm is not None else gx, None, None, None
         (mask,), _ = load_encoded(ctx)
         assert isinstance(mask, PackedCodes)
-        noise = mask.decode().to(grad.dtype)
-        noise.div_(1 - ctx.p)
-        return grad * noise, None, None, None
+        return grad * _mask_noise(mask, ctx.p, grad.dtype), None, None, None
 
 
 def dropout(

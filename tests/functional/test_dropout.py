@@ -318,3 +318,16 @@ def test_compiled_inplace_matches_eager() -> None:
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
     (gx,) = torch.autograd.grad(out.sum(), x)
     assert torch.equal(out, ref) and torch.equal(gx, gref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drawn_noise_of_other_devices_matches_its_packed_mask(dtype: torch.dtype) -> None:
+    """The path of devices without the hashed pass (CUDA), run on CPU tensors: the noise is
+    torch's bernoulli(1 - p) / (1 - p) from the generator, and the packed mask decodes back to
+    the same noise (as backward and the compressed attention rebuild it)."""
+    x = torch.randn(7, 33).to(dtype)
+    noise, mask = D._drawn_noise(x, 0.3, torch.Generator().manual_seed(1))
+    ref = torch.empty_like(x).bernoulli_(0.7, generator=torch.Generator().manual_seed(1))
+    ref.div_(0.7)
+    assert torch.equal(noise, ref)
+    assert torch.equal(D._mask_noise(mask, 0.3, dtype), ref)
