@@ -248,8 +248,8 @@ class _MaxPool(torch.autograd.Function):
         p, d = ((0,) if dims == 1 else ()) + padding, pre + dilation
         out, idx = _MAXPOOL_FWD[op_dims](xin, k, s, p, d, ceil_mode)
         bits = window_offset_bits(k)
-        in_spatial = tuple(xin.shape[-op_dims:])
-        native = _native_geometry(idx.shape, idx.device, (in_spatial, k, s, p, d), bits)
+        geom = (tuple(xin.shape[-op_dims:]), k, s, p, d)
+        native = _native_geometry(idx.shape, idx.device, geom, bits)
         ctx.args = (op_dims, k, s, p, d, ceil_mode, bits)  # type: ignore[attr-defined]
         ctx.in_shape = xin.shape  # type: ignore[attr-defined]
         ctx.out_shape = out.shape  # type: ignore[attr-defined]
@@ -258,7 +258,7 @@ class _MaxPool(torch.autograd.Function):
         if native is not None:  # one C pass, the same bytes
             saved: Tuple[Tensor, ...] = (_native_encode(idx, native, bits),)
         else:
-            saved = _store_codes(_encode_offsets(idx, (in_spatial, k, s, p, d)), bits)
+            saved = _store_codes(_encode_offsets(idx, geom), bits)
         if not torch.compiler.is_compiling():  # a trace cannot set Python attributes on tensors
             saved = tuple(mark_compact(t) for t in saved)  # the generic mode leaves them alone
         ctx.save_for_backward(*saved)
